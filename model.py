@@ -1,0 +1,373 @@
+"""DRIP: a Vision Transformer that learns where to cut its patch tokens into segments.
+
+After `pre_layers` blocks on all patch tokens, a small boundary predictor marks the
+patches that end a segment (Gumbel-Sigmoid sampling with straight-through hard
+boundaries while training, a deterministic top-k rule in eval). Patches are cut in
+raster order at those boundaries and each segment is mean-pooled into one token, so
+the remaining blocks run on about 1/compress of the tokens. A binomial prior keeps
+the boundary rate near 1/compress. compress=1 is the plain ViT.
+
+The file also holds the CLIP text tower and the CLIP module; module and parameter
+names follow open_clip so that pretrained CLIP weights load by name.
+
+    from model import CLIP, make_config
+    model = CLIP(make_config("ViT-B-16", compress=4))
+    image_features, text_features, logit_scale, vision = model(images, text)
+    loss = contrastive_loss(...) + vision.aux_loss   # vision.boundary_rate ~ 0.25
+"""
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int = 512          # joint image-text embedding size
+    # image tower
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    # DRIP
+    compress: float = 1.0         # target tokens in / tokens out; 1 = plain ViT
+    pre_layers: int = 2           # blocks run on every patch before pooling
+    tau: float = 0.5              # Gumbel-Sigmoid temperature
+    # text tower
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+
+    def __post_init__(self):
+        if not self.compress >= 1:
+            raise ValueError(f"compress must be a number >= 1 (1 = plain ViT), got {self.compress}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.compress > 1 and not 0 < self.pre_layers < self.layers:
+            raise ValueError(f"pre_layers must be between 1 and layers-1 ({self.layers - 1}), got {self.pre_layers}")
+
+
+CONFIGS = {
+    "ViT-B-32": CLIPConfig(patch_size=32),
+    "ViT-B-16": CLIPConfig(patch_size=16),
+    # trains in minutes on a 2-core CPU: 8x8 patches of 8 px
+    "tiny": CLIPConfig(embed_dim=128, image_size=64, patch_size=8, width=128, layers=4, heads=4,
+                       mlp_dim=512, pre_layers=1, context_length=32, vocab_size=1024,
+                       text_width=128, text_layers=2, text_heads=4),
+}
+
+
+def make_config(name, **overrides):
+    """A named configuration with some fields replaced, e.g. make_config("tiny", compress=4)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)
+
+
+# -----------------------------------------------------------------------------
+# The DRIP pieces, as pure functions
+
+
+def sample_boundaries(logits, tau=0.5):
+    """Gumbel-Sigmoid: hard 0/1 boundaries whose gradient is that of the relaxed sample.
+
+    logits: B x N. The difference of two Gumbel variables is logistic noise, so
+    sigmoid((logits + logistic) / tau) is a relaxed Bernoulli(sigmoid(logits)) sample.
+    """
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)  # B x N
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft  # straight-through: value hard, gradient soft
+
+
+def eval_boundaries(logits):
+    """Deterministic boundaries at the training-time rate.
+
+    Thresholding logits at 0 would give almost no boundaries when every
+    sigmoid(logit) is about 1/compress. Instead keep as many boundaries as training
+    expects, k = round(sum sigmoid(l_i)), at the patches with the highest logits.
+    The last patch always ends a segment (as in `force_last_boundary`), so it counts
+    towards k and the k-1 others are picked among the first N-1 patches.
+    """
+    probs = torch.sigmoid(logits[:, :-1])                       # B x N-1
+    k = probs.sum(1).round()                                    # B, besides the last patch
+    rank = logits[:, :-1].argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # B x N-1
+    chosen = (rank < k[:, None]).to(logits.dtype)               # B x N-1
+    return torch.cat([chosen, torch.ones_like(chosen[:, :1])], 1)
+
+
+def force_last_boundary(boundaries):
+    """The last patch ends a segment, so no token is left out of the pooling."""
+    ones = torch.ones_like(boundaries[:, -1:])
+    return torch.cat([boundaries[:, :-1], ones], 1)
+
+
+def pool_segments(x, boundaries):
+    """Mean-pool contiguous segments of tokens; boundary i = 1 means token i ends its segment.
+
+    x: B x N x D tokens, boundaries: B x N hard 0/1 (straight-through or plain), with the
+    last token a boundary. Returns pooled B x S x D and valid B x S, padded to the
+    largest segment count S in the batch (padded rows are zero and not valid).
+
+    The membership weights are built from `boundaries` through cumsum: their value is
+    exactly 0/1, but their gradient reaches whatever produced the boundaries, so the
+    task loss trains the boundary predictor (as in Dynamic Token Pooling).
+    """
+    segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
+    num_segments = boundaries.sum(1)                            # B
+    S = int(num_segments.max())
+    offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
+    member = torch.where(offset == 0, 1 - offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
+    weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
+    pooled = torch.einsum("bnd,bns->bsd", x, weights.to(x.dtype))  # B x S x D
+    valid = torch.arange(S, device=x.device) < num_segments.unsqueeze(1)  # B x S
+    return pooled, valid
+
+
+def boundary_loss(boundaries, p):
+    """Binomial prior: -log Binomial(k; n, p) / n with k the boundary count of each image.
+
+    boundaries: B x N hard (straight-through). Its gradient in k,
+    (digamma(k+1) - digamma(n-k+1) - logit(p)) / n, pulls the rate towards p from
+    either side. Averaged over the batch.
+    """
+    n = boundaries.shape[1]
+    k = boundaries.sum(1)                                       # B
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+               + k * math.log(p) + (n - k) * math.log1p(-p))
+    return (-log_pmf / n).mean()
+
+
+# -----------------------------------------------------------------------------
+# Transformer blocks (names as in open_clip)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention.
+
+    Parameters are named like nn.MultiheadAttention's (in_proj_weight, in_proj_bias,
+    out_proj) so that CLIP checkpoints load as they are.
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # B x L x 3D
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each B x H x L x D/H
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width, heads, mlp_dim):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_dim)),
+            ("gelu", nn.GELU()),
+            ("c_proj", nn.Linear(mlp_dim, width)),
+        ]))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_dim):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_dim) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def run_block(self, i, x, attn_mask=None, is_causal=False):
+        block = self.resblocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        for i in range(len(self.resblocks)):
+            x = self.run_block(i, x, attn_mask, is_causal)
+        return x
+
+
+def init_weights(module):
+    """Weight initialisation in one place (timm / open_clip style)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, Attention):
+        nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
+    elif isinstance(module, (nn.Conv2d, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+    elif isinstance(module, BoundaryPredictor):
+        nn.init.constant_(module.out.bias, module.bias_init)
+
+
+# -----------------------------------------------------------------------------
+# The DRIP image tower
+
+
+class BoundaryPredictor(nn.Module):
+    """MLP on each patch token -> logit of "this patch ends a segment"."""
+
+    def __init__(self, width, p):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.out = nn.Linear(width, 1)
+        self.bias_init = math.log(p / (1 - p))  # logit(p): on target from step 0
+
+    def forward(self, x):                                       # B x N x D -> B x N
+        return self.out(F.gelu(self.fc(self.ln(x)))).squeeze(2)
+
+
+class VisionOutput(NamedTuple):
+    embedding: Optional[torch.Tensor]   # B x embed_dim: CLS after ln_post and proj (None for forward_features)
+    tokens: torch.Tensor                # B x S x D: patch or segment tokens (no CLS) from the last layer run
+    valid: torch.Tensor                 # B x S bool: False for padding segments
+    boundaries: Optional[torch.Tensor]  # B x N 0/1 (None when nothing was pooled)
+    aux_loss: torch.Tensor              # binomial prior loss (0 when compress = 1)
+    boundary_rate: torch.Tensor         # mean boundaries per patch (1 when compress = 1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.image_size // cfg.patch_size
+        self.num_patches = grid * grid
+        self.conv1 = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.positional_embedding = nn.Parameter(torch.zeros(self.num_patches + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(torch.zeros(cfg.width, cfg.embed_dim))
+        # compress = 1 is the plain ViT: no predictor parameters at all
+        self.boundary_predictor = BoundaryPredictor(cfg.width, 1 / cfg.compress) if cfg.compress > 1 else None
+        self.apply(init_weights)
+        nn.init.normal_(self.class_embedding, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.02)
+        nn.init.normal_(self.proj, std=cfg.width ** -0.5)
+
+    def shorten(self, x, sample):
+        """Cut patch tokens into segments and mean-pool them; CLS stays in front.
+
+        x: B x (1+N) x D -> B x (1+S) x D, the attention mask for later blocks, and the
+        boundaries, prior loss and rate.
+        """
+        logits = self.boundary_predictor(x[:, 1:]).float()     # B x N, float32 even under autocast
+        if sample:
+            boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
+        else:
+            boundaries = eval_boundaries(logits)
+        pooled, valid = pool_segments(x[:, 1:], boundaries)    # B x S x D, B x S
+        x = torch.cat([x[:, :1], pooled], 1)                   # B x (1+S) x D
+        keep = torch.cat([valid.new_ones(len(x), 1), valid], 1)  # B x (1+S)
+        attn_mask = keep[:, None, None, :]                     # B x 1 x 1 x (1+S): padding is never a key
+        aux_loss = boundary_loss(boundaries, 1 / self.cfg.compress)
+        return x, keep, attn_mask, boundaries, aux_loss
+
+    def run(self, images, sample, last_layer):
+        """Blocks 0..last_layer; returns the B x (1+S) x D tokens and what pooling produced."""
+        B = images.shape[0]
+        x = self.conv1(images).flatten(2).transpose(1, 2)      # B x N x D, raster order
+        x = torch.cat([self.class_embedding.expand(B, 1, -1).to(x.dtype), x], 1)  # B x (1+N) x D
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # B x (1+N)
+        attn_mask, boundaries = None, None
+        aux_loss, rate = x.new_zeros(()), x.new_ones(())
+        for i in range(last_layer + 1):
+            if i == self.cfg.pre_layers and self.boundary_predictor is not None:
+                x, keep, attn_mask, boundaries, aux_loss = self.shorten(x, sample)
+                rate = boundaries.detach().mean()
+            x = self.transformer.run_block(i, x, attn_mask)
+        return x, keep, boundaries, aux_loss.float(), rate.float()
+
+    def forward(self, images, sample=None):
+        """Full tower. sample=None samples boundaries in training and uses the eval rule otherwise."""
+        sample = self.training if sample is None else sample
+        x, keep, boundaries, aux_loss, rate = self.run(images, sample, self.cfg.layers - 1)
+        embedding = self.ln_post(x[:, 0]) @ self.proj
+        return VisionOutput(embedding, x[:, 1:], keep[:, 1:], boundaries, aux_loss, rate)
+
+    def forward_features(self, images, layer=-2, sample=None):
+        """Per-token features after block `layer` (python indexing; -2 = penultimate, LLaVA's choice).
+
+        Blocks after `layer` are not run. tokens are the segment tokens without CLS,
+        valid marks the real ones.
+        """
+        sample = self.training if sample is None else sample
+        last_layer = range(self.cfg.layers)[layer]
+        x, keep, boundaries, aux_loss, rate = self.run(images, sample, last_layer)
+        return VisionOutput(None, x[:, 1:], keep[:, 1:], boundaries, aux_loss, rate)
+
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+
+class CLIP(nn.Module):
+    """Image tower `visual` and a causal text tower (open_clip's layout and names)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, 4 * cfg.text_width)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.zeros(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.token_embedding.apply(init_weights)
+        self.transformer.apply(init_weights)
+        nn.init.normal_(self.positional_embedding, std=0.02)
+        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
+
+    def encode_image(self, images, sample=None):
+        return self.visual(images, sample=sample)
+
+    def encode_text(self, text):
+        """text: B x L token ids, padded with 0 after the end-of-text token -> B x embed_dim.
+
+        Features are read at the last non-padding token, the end-of-text token.
+        """
+        L = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:L]  # B x L x W
+        x = self.ln_final(self.transformer(x, is_causal=True))
+        positions = torch.arange(L, device=text.device)
+        eot = torch.where(text != 0, positions, 0).argmax(1)   # B
+        return x[torch.arange(len(x), device=x.device), eot] @ self.text_projection
+
+    def forward(self, images, text):
+        """Normalised image and text features, the logit scale, and the full VisionOutput."""
+        vision = self.encode_image(images)
+        image_features = F.normalize(vision.embedding, dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        return image_features, text_features, self.logit_scale.exp(), vision

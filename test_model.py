@@ -1,0 +1,254 @@
+"""Tests of the DRIP model against independent references. Run: python -m pytest -q"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, force_last_boundary,
+                   make_config, pool_segments, sample_boundaries)
+
+
+def naive_pool(x, boundaries):
+    """Reference pooling: walk the tokens of each image, closing a segment at each boundary."""
+    result = []
+    for tokens, marks in zip(x, boundaries):
+        segments, current = [], []
+        for token, mark in zip(tokens, marks):
+            current.append(token)
+            if mark == 1:
+                segments.append(torch.stack(current).mean(0))
+                current = []
+        assert not current, "the last token must end a segment"
+        result.append(torch.stack(segments))
+    return result
+
+
+@pytest.mark.parametrize("case", ["random", "none", "all", "batch1"])
+def test_pool_segments_matches_naive_loop(case):
+    torch.manual_seed(0)
+    B, N, D = (1 if case == "batch1" else 5), 16, 8
+    x = torch.randn(B, N, D)
+    if case == "none":
+        boundaries = torch.zeros(B, N)
+    elif case == "all":
+        boundaries = torch.ones(B, N)
+    else:
+        boundaries = (torch.rand(B, N) < 0.3).float()
+    boundaries = force_last_boundary(boundaries)
+    pooled, valid = pool_segments(x, boundaries)
+    reference = naive_pool(x, boundaries)
+    assert pooled.shape == (B, max(len(r) for r in reference), D)
+    for b, ref in enumerate(reference):
+        S = len(ref)
+        assert valid[b].tolist() == [True] * S + [False] * (pooled.shape[1] - S)
+        torch.testing.assert_close(pooled[b, :S], ref)
+        assert pooled[b, S:].abs().sum() == 0
+    if case == "none":
+        torch.testing.assert_close(pooled[:, 0], x.mean(1))
+    if case == "all":
+        torch.testing.assert_close(pooled, x)
+
+
+def test_pool_segments_passes_gradient_to_boundaries():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 4)
+    logits = torch.randn(2, 10, requires_grad=True)
+    boundaries = force_last_boundary(sample_boundaries(logits))
+    pooled, _ = pool_segments(x, boundaries)
+    (pooled * torch.randn_like(pooled)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def contrastive_loss(model, images, text):
+    image_features, text_features, logit_scale, vision = model(images, text)
+    logits = logit_scale * image_features @ text_features.t()
+    labels = torch.arange(len(images))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2, vision
+
+
+def tiny_batch(cfg, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    text = torch.randint(1, cfg.vocab_size, (B, cfg.context_length), generator=g)
+    text[:, 10:] = 0  # padding after the end-of-text token
+    return images, text
+
+
+def test_task_loss_alone_trains_the_predictor():
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", compress=4))
+    loss, _ = contrastive_loss(model, *tiny_batch(model.cfg))  # prior-loss weight 0: not added
+    loss.backward()
+    for name, p in model.visual.boundary_predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("compress", [1, 4])
+def test_batch_invariance_in_eval(compress):
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=compress)).eval()
+    if compress > 1:  # make segment counts differ between images, so padding is exercised
+        model.boundary_predictor.out.weight.data.mul_(200)
+    images = torch.randn(6, 3, 64, 64) * torch.linspace(0.2, 3, 6).view(6, 1, 1, 1)
+    with torch.no_grad():
+        batch = model(images)
+        if compress > 1:
+            assert len(set(batch.valid.sum(1).tolist())) > 1, "all images got the same segment count"
+        for i in range(len(images)):
+            alone = model(images[i:i + 1])
+            S = int(alone.valid.sum())
+            assert int(batch.valid[i].sum()) == S
+            torch.testing.assert_close(batch.embedding[i], alone.embedding[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batch.tokens[i, :S], alone.tokens[0, :S], atol=1e-5, rtol=1e-4)
+            if compress > 1:
+                assert torch.equal(batch.boundaries[i], alone.boundaries[0])
+
+
+@pytest.mark.parametrize("n,k,p", [(49, 12, 0.25), (196, 0, 0.5), (196, 196, 0.1), (64, 30, 0.25), (10, 3, 0.7)])
+def test_boundary_loss_matches_math(n, k, p):
+    boundaries = torch.zeros(3, n)
+    boundaries[:, :k] = 1
+    expected = -math.log(math.comb(n, k) * p ** k * (1 - p) ** (n - k)) / n
+    assert boundary_loss(boundaries, p).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("k,direction", [(40, "down"), (5, "up")])
+def test_boundary_loss_gradient_pulls_rate_to_target(k, direction):
+    n, p = 64, 0.25  # target 16 boundaries
+    boundaries = torch.zeros(1, n)
+    boundaries[0, :k] = 1
+    boundaries.requires_grad_(True)
+    boundary_loss(boundaries, p).backward()
+    grad = boundaries.grad[0, 0].item()
+    expected = (torch.digamma(torch.tensor(k + 1.0)) - torch.digamma(torch.tensor(n - k + 1.0))
+                - math.log(p / (1 - p))).item() / n
+    assert grad == pytest.approx(expected, rel=1e-4)
+    # gradient descent moves k against the gradient
+    assert (grad > 0) if direction == "down" else (grad < 0)
+
+
+def reference_vit(model, images):
+    """Plain ViT forward written with nn.MultiheadAttention, from the model's own weights."""
+    cfg = model.cfg
+    x = model.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([model.class_embedding.expand(len(x), 1, -1), x], 1) + model.positional_embedding
+    x = model.ln_pre(x)
+    for block in model.transformer.resblocks:
+        mha = nn.MultiheadAttention(cfg.width, cfg.heads, batch_first=True)
+        mha.load_state_dict(block.attn.state_dict())
+        h = block.ln_1(x)
+        x = x + mha(h, h, h, need_weights=False)[0]
+        x = x + block.mlp(block.ln_2(x))
+    return model.ln_post(x[:, 0]) @ model.proj, x[:, 1:]
+
+
+def test_compress_1_is_the_plain_vit():
+    torch.manual_seed(0)
+    plain = VisionTransformer(make_config("tiny", compress=1))
+    drip = VisionTransformer(make_config("tiny", compress=4))
+    assert plain.boundary_predictor is None
+    assert not any("boundary_predictor" in name for name, _ in plain.named_parameters())
+    drip_names = {n for n, _ in drip.named_parameters() if not n.startswith("boundary_predictor.")}
+    assert {n for n, _ in plain.named_parameters()} == drip_names
+    images = torch.randn(3, 3, 64, 64)
+    out = plain.train()(images)
+    assert out.boundaries is None and out.tokens.shape == (3, 64, 128) and out.valid.all()
+    assert out.aux_loss.item() == 0
+    with torch.no_grad():
+        embedding, tokens = reference_vit(plain, images)
+    torch.testing.assert_close(out.embedding, embedding, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.tokens, tokens, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compress", [2, 4, 10])
+def test_eval_boundaries_deterministic_at_training_rate(compress):
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=compress)).eval()
+    model.boundary_predictor.out.weight.data.mul_(30)  # spread the logits like a trained predictor
+    images = torch.randn(32, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model(images), model(images)
+        assert torch.equal(first.boundaries, second.boundaries)
+        # training-time expectation: sigmoid(logits), with the last patch always a boundary
+        x = model.ln_pre(torch.cat([model.class_embedding.expand(32, 1, -1),
+                                    model.conv1(images).flatten(2).transpose(1, 2)], 1)
+                         + model.positional_embedding)
+        for block in model.transformer.resblocks[:model.cfg.pre_layers]:
+            x = block(x)
+        probs = torch.sigmoid(model.boundary_predictor(x[:, 1:]))
+        expected = torch.cat([probs[:, :-1], torch.ones_like(probs[:, -1:])], 1).mean()
+        assert probs.std() > 0.05, "logits should vary for this test to mean something"
+        assert abs(first.boundary_rate.item() - expected.item()) < 0.02
+        sampled = torch.stack([model(images, sample=True).boundary_rate for _ in range(20)]).mean()
+        assert abs(first.boundary_rate.item() - sampled.item()) < 0.02
+        # eval keeps the highest logits: they lie on the patches the predictor is surest of
+        chosen = first.boundaries[:, :-1].bool()
+        logits = model.boundary_predictor(x[:, 1:])[:, :-1]
+        for b in range(32):
+            if chosen[b].any() and (~chosen[b]).any():
+                assert logits[b][chosen[b]].min() >= logits[b][~chosen[b]].max()
+
+
+def test_eval_boundaries_rule_on_constant_logits():
+    # every sigmoid = 0.25: thresholding at 0 would give no boundaries; the rule keeps 1/4
+    logits = torch.full((2, 64), math.log(0.25 / 0.75))
+    boundaries = eval_boundaries(logits)
+    assert boundaries[:, -1].eq(1).all()
+    assert boundaries.sum(1).tolist() == [round(63 * 0.25) + 1] * 2
+
+
+@pytest.mark.parametrize("compress", [1, 2, 4, 10])
+def test_every_trainable_parameter_gets_a_gradient(compress):
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny", compress=compress)).train()
+    loss, vision = contrastive_loss(model, *tiny_batch(model.cfg))
+    (loss + vision.aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("name,patches", [("ViT-B-32", 49), ("ViT-B-16", 196)])
+@pytest.mark.parametrize("compress", [1, 4])
+def test_output_shapes_of_named_configs(name, patches, compress):
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config(name, compress=compress))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for out in (model.train()(images), model.eval()(images)):
+            assert out.embedding.shape == (2, 512)
+            S = out.tokens.shape[1]
+            assert out.tokens.shape == (2, S, 768) and out.valid.shape == (2, S)
+            if compress == 1:
+                assert S == patches and out.valid.all()
+            else:
+                assert out.boundaries.shape == (2, patches)
+                segments = out.valid.sum(1)
+                assert (segments >= patches / 8).all() and (segments <= patches / 2).all(), segments
+                assert torch.equal(segments, out.boundaries.sum(1).long())
+        features = model.eval().forward_features(images, layer=-2)
+        assert features.embedding is None and features.tokens.shape[2] == 768
+
+
+def test_text_tower_reads_end_of_text_token():
+    torch.manual_seed(0)
+    model = CLIP(make_config("tiny")).eval()
+    text = torch.zeros(2, 32, dtype=torch.long)
+    text[0, :5] = torch.tensor([1, 7, 8, 9, 2])
+    text[1, :3] = torch.tensor([1, 7, 2])
+    with torch.no_grad():
+        features = model.encode_text(text)
+        # causal: the features at the end-of-text token do not depend on the padding or the context length
+        short = model.encode_text(text[:, :6])
+        x = model.ln_final(model.transformer(model.token_embedding(text) + model.positional_embedding, is_causal=True))
+    torch.testing.assert_close(features, short, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(features[0], x[0, 4] @ model.text_projection)
+    torch.testing.assert_close(features[1], x[1, 2] @ model.text_projection)
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ValueError, match="compress must be"):
+        make_config("tiny", compress=0.5)
+    with pytest.raises(ValueError, match="unknown model"):
+        make_config("ViT-X")
