@@ -109,6 +109,14 @@ def eval_boundaries(logits):
     return torch.cat([chosen, torch.ones_like(chosen[:, :1])], 1)
 
 
+def even_boundaries(batch_size, num_patches, segments, device=None):
+    """B x N boundaries cutting the patches into `segments` nearly equal runs (DynamicViT-style FLOP counting)."""
+    ends = torch.round(torch.arange(1, segments + 1, device=device) * num_patches / segments).long() - 1
+    boundaries = torch.zeros(batch_size, num_patches, device=device)
+    boundaries[:, ends] = 1
+    return boundaries
+
+
 def force_last_boundary(boundaries):
     """The last patch ends a segment, so no token is left out of the pooling."""
     ones = torch.ones_like(boundaries[:, -1:])
@@ -275,16 +283,17 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.02)
         nn.init.normal_(self.proj, std=cfg.width ** -0.5)
 
-    def shorten(self, x, sample):
+    def shorten(self, x, sample, boundaries=None):
         """Cut patch tokens into segments and mean-pool them; CLS stays in front.
 
         x: B x (1+N) x D -> B x (1+S) x D, the attention mask for later blocks, and the
-        boundaries, prior loss and rate.
+        boundaries, prior loss and rate. Given `boundaries` (B x N, last patch 1) replace
+        the predicted ones, e.g. to count FLOPs at an exact rate.
         """
         logits = self.boundary_predictor(x[:, 1:]).float()     # B x N, float32 even under autocast
-        if sample:
+        if boundaries is None and sample:
             boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
-        else:
+        elif boundaries is None:
             boundaries = eval_boundaries(logits)
         pooled, valid = pool_segments(x[:, 1:], boundaries)    # B x S x D, B x S
         x = torch.cat([x[:, :1], pooled], 1)                   # B x (1+S) x D
@@ -293,26 +302,26 @@ class VisionTransformer(nn.Module):
         aux_loss = boundary_loss(boundaries, 1 / self.cfg.compress)
         return x, keep, attn_mask, boundaries, aux_loss
 
-    def run(self, images, sample, last_layer):
+    def run(self, images, sample, last_layer, boundaries=None):
         """Blocks 0..last_layer; returns the B x (1+S) x D tokens and what pooling produced."""
         B = images.shape[0]
         x = self.conv1(images).flatten(2).transpose(1, 2)      # B x N x D, raster order
         x = torch.cat([self.class_embedding.expand(B, 1, -1).to(x.dtype), x], 1)  # B x (1+N) x D
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
         keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # B x (1+N)
-        attn_mask, boundaries = None, None
+        attn_mask = None
         aux_loss, rate = x.new_zeros(()), x.new_ones(())
         for i in range(last_layer + 1):
             if i == self.cfg.pre_layers and self.boundary_predictor is not None:
-                x, keep, attn_mask, boundaries, aux_loss = self.shorten(x, sample)
+                x, keep, attn_mask, boundaries, aux_loss = self.shorten(x, sample, boundaries)
                 rate = boundaries.detach().mean()
             x = self.transformer.run_block(i, x, attn_mask)
         return x, keep, boundaries, aux_loss.float(), rate.float()
 
-    def forward(self, images, sample=None):
+    def forward(self, images, sample=None, boundaries=None):
         """Full tower. sample=None samples boundaries in training and uses the eval rule otherwise."""
         sample = self.training if sample is None else sample
-        x, keep, boundaries, aux_loss, rate = self.run(images, sample, self.cfg.layers - 1)
+        x, keep, boundaries, aux_loss, rate = self.run(images, sample, self.cfg.layers - 1, boundaries)
         embedding = self.ln_post(x[:, 0]) @ self.proj
         return VisionOutput(embedding, x[:, 1:], keep[:, 1:], boundaries, aux_loss, rate)
 
@@ -371,3 +380,24 @@ class CLIP(nn.Module):
         image_features = F.normalize(vision.embedding, dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp(), vision
+
+
+def image_tower_macs(cfg: CLIPConfig, segments=None):
+    """Analytic multiply-accumulates of one image through the tower (fvcore's "flop").
+
+    Per block with L tokens: L*(4*D*D + 2*D*mlp_dim) for the projections and MLP
+    (12*L*D*D when mlp_dim = 4D) plus 2*L*L*D for attention. After pooling the blocks
+    see 1 + `segments` tokens; the default is DynamicViT's convention, the expected
+    count round(N / compress).
+    """
+    N, D = (cfg.image_size // cfg.patch_size) ** 2, cfg.width
+    S = N if cfg.compress == 1 else (segments if segments is not None else max(1, round(N / cfg.compress)))
+
+    def block(L):
+        return L * (4 * D * D + 2 * D * cfg.mlp_dim) + 2 * L * L * D
+
+    pre = cfg.pre_layers if cfg.compress > 1 else cfg.layers
+    macs = N * 3 * cfg.patch_size ** 2 * D + pre * block(1 + N) + (cfg.layers - pre) * block(1 + S) + D * cfg.embed_dim
+    if cfg.compress > 1:
+        macs += N * (D * D + D) + N * S * D  # boundary predictor MLP, pooling einsum
+    return macs

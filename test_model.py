@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, force_last_boundary,
+from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, even_boundaries, force_last_boundary,
                    make_config, pool_segments, sample_boundaries)
 
 
@@ -252,3 +252,11 @@ def test_bad_config_is_one_clear_error():
         make_config("tiny", compress=0.5)
     with pytest.raises(ValueError, match="unknown model"):
         make_config("ViT-X")
+
+
+def test_given_boundaries_replace_the_predicted_ones():
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=4)).eval()
+    boundaries = even_boundaries(2, 64, 8)
+    out = model(torch.randn(2, 3, 64, 64), boundaries=boundaries)
+    assert torch.equal(out.boundaries, boundaries) and out.tokens.shape == (2, 8, 128) and out.valid.all()

@@ -1,0 +1,263 @@
+"""The efficiency table: GFLOPs (fvcore multiply-adds, checked against the analytic count),
+and with --bench the measured training-step time and memory, per compression.
+
+    python flops.py --model ViT-B-32 --compress 1 2 4 10
+    python flops.py --model ViT-B-16 --compress 1 4 --bench --batch_size 256 --device cuda
+    python flops.py --model tiny --compress 1 4 --bench --batch_size 128          # CPU
+    python flops.py --ckpt out/clip_tiny_c4/ckpt.pt --images data/shapes/val/red_star
+
+fvcore counts one multiply-add as one flop, as DynamicViT, ToMe and timm tables do. It
+has no handle for F.scaled_dot_product_attention, so one is registered here (without
+it the whole attention product is silently dropped, as in the seed README's table), and
+every op fvcore still skips is printed. For compress > 1 the count uses DynamicViT's
+convention: boundaries evenly spaced at exactly the target rate. With --ckpt and
+--images the model's own predicted boundaries are counted too, averaged over images.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+
+from model import CLIP, CLIPConfig, VisionTransformer, even_boundaries, image_tower_macs, make_config
+
+
+def sdpa_macs(inputs, outputs):
+    """aten::scaled_dot_product_attention: Q K^T and A V, each B*H*L*S*Dh multiply-adds."""
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])  # B x H x L x Dh, B x H x S x Dh
+    B, H, L, Dh = q
+    return 2 * B * H * L * k[-2] * Dh
+
+
+class ImageTower(nn.Module):
+    """The image tower as a plain tensor -> tensor function for tracing, with fixed or predicted boundaries."""
+
+    def __init__(self, visual, boundaries=None):
+        super().__init__()
+        self.visual, self.boundaries = visual, boundaries
+
+    def forward(self, images):
+        return self.visual(images, sample=False, boundaries=self.boundaries).embedding
+
+
+class TextTower(nn.Module):
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, text):
+        return self.clip.encode_text(text)
+
+
+def fvcore_macs(module, inputs, skipped):
+    """Total multiply-adds of module(inputs); ops fvcore has no handle for are added to `skipped`."""
+    analysis = FlopCountAnalysis(module.eval(), inputs)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_macs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    analysis.tracer_warnings("none")
+    with torch.no_grad():
+        total = analysis.total()
+    skipped.update(analysis.unsupported_ops())
+    return total
+
+
+def text_tower_macs(cfg: CLIPConfig):
+    """Analytic multiply-adds of the causal text tower, counting the full L x L attention as fvcore does."""
+    L, W = cfg.context_length, cfg.text_width
+    return cfg.text_layers * (12 * L * W * W + 2 * L * L * W) + W * cfg.embed_dim
+
+
+def flops_rows(model_name, compresses, pre_layers, skipped):
+    rows = []
+    for compress in compresses:
+        cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
+        clip = CLIP(cfg)
+        N = clip.visual.num_patches
+        segments = max(1, round(N / compress))
+        boundaries = even_boundaries(1, N, segments) if compress > 1 else None
+        images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+        image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
+        if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
+            image += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, N, cfg.width),), skipped)
+        text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
+        rows.append({"model": model_name, "compress": compress, "tokens_after_pooling": segments,
+                     "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg, segments) / 1e9,
+                     "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
+                     "pair_gflops": (image + text) / 1e9})
+    base = rows[0] if rows[0]["compress"] == 1 else None
+    for row in rows:
+        row["image_ratio"] = row["image_gflops_fvcore"] / base["image_gflops_fvcore"] if base else None
+        row["pair_speedup_ceiling"] = base["pair_gflops"] / row["pair_gflops"] if base else None
+    return rows
+
+
+def checkpoint_row(ckpt, image_dir, max_images, skipped):
+    """fvcore count with the checkpoint's own (eval-rule) boundaries, averaged over real images."""
+    from PIL import Image, ImageOps
+    import torchvision.transforms as T
+
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cfg = CLIPConfig(**checkpoint["model_config"])
+    clip = CLIP(cfg)
+    clip.load_state_dict(checkpoint["model"])
+    transform = T.Compose([T.Resize(cfg.image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(cfg.image_size),
+                           T.ToTensor(), T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))[:max_images]
+    if not files:
+        sys.exit(f"error: no .jpg/.jpeg/.png/.webp images in {image_dir}")
+    macs, rates = [], []
+    for name in files:
+        image = transform(ImageOps.exif_transpose(Image.open(os.path.join(image_dir, name))).convert("RGB"))[None]
+        macs.append(fvcore_macs(ImageTower(clip.visual), (image,), skipped))
+        with torch.no_grad():
+            rates.append(clip.visual.eval()(image).boundary_rate.item())
+    return {"checkpoint": ckpt, "compress": cfg.compress, "images": len(files),
+            "image_gflops_predicted": statistics.mean(macs) / 1e9, "measured_rate": statistics.mean(rates),
+            "target_rate": 1 / cfg.compress, "image_gflops_target_rate": image_tower_macs(cfg) / 1e9}
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup):
+    """Median training-step time (forward, backward, AdamW step) and memory for one compression."""
+    cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
+    torch.manual_seed(0)
+    model = CLIP(cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step_model = torch.compile(model) if use_compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    text = torch.randint(1, cfg.vocab_size, (batch_size, cfg.context_length), device=device)
+    labels = torch.arange(batch_size, device=device)
+    saved_bytes = [0]
+
+    def count_saved(t):
+        saved_bytes[0] += t.numel() * t.element_size()
+        return t
+
+    def train_step(measure_activations=False):
+        hooks = torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t) if measure_activations else nullcontext()
+        with autocast, hooks:
+            if tower == "clip":
+                image_features, text_features, logit_scale, vision = step_model(images, text)
+                logits = logit_scale * image_features.float() @ text_features.float().t()
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+            else:
+                vision = step_model.visual(images)
+                loss = vision.embedding.float().pow(2).mean()
+            loss = loss + vision.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return vision
+
+    for _ in range(warmup):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, valid_fraction = [], []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            vision = train_step()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            vision = train_step()
+            times.append(time.perf_counter() - t0)
+        valid_fraction.append(vision.valid.float().mean().item())
+    train_step(measure_activations=True)
+    step_s = statistics.median(times)
+    return {"model": model_name, "compress": compress, "tower": tower, "batch_size": batch_size, "device": str(device),
+            "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "saved_activations_gib": saved_bytes[0] / 2**30, "valid_token_fraction": statistics.mean(valid_fraction)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10])
+    parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--ckpt", help="a train_clip.py checkpoint: also count with its predicted boundaries")
+    parser.add_argument("--images", help="folder of images for --ckpt")
+    parser.add_argument("--max_images", type=int, default=50)
+    parser.add_argument("--bench", action="store_true", help="also time training steps and measure memory")
+    parser.add_argument("--tower", choices=["image", "clip"], default="image")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    if any(c < 1 for c in args.compress):
+        parser.error("--compress values must be >= 1 (1 = plain ViT)")
+    if bool(args.ckpt) != bool(args.images):
+        parser.error("--ckpt and --images go together")
+    try:
+        make_config(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+
+    skipped = Counter()
+    result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped)}
+    if args.ckpt:
+        result["checkpoint"] = checkpoint_row(args.ckpt, args.images, args.max_images, skipped)
+    if args.bench:
+        device = torch.device(args.device)
+        rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
+                          args.steps, args.warmup) for c in args.compress]
+        base = rows[0] if rows[0]["compress"] == 1 else None
+        for row in rows:
+            row["speedup"] = base["step_ms"] / row["step_ms"] if base else None
+            memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
+            row["memory_ratio"] = row[memory] / base[memory] if base else None
+        result["bench"] = rows
+    result["fvcore_skipped_ops"] = dict(skipped)
+
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'model':10} {'compress':>8} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
+          f"{'text':>6} {'pair':>7} {'pair speed-up ceiling':>21}")
+    for r in result["flops"]:
+        ratio = f"{r['image_ratio']:.2f}" if r["image_ratio"] else "-"
+        ceiling = f"{r['pair_speedup_ceiling']:.2f}x" if r["pair_speedup_ceiling"] else "-"
+        print(f"{r['model']:10} {r['compress']:>8g} {r['tokens_after_pooling']:>6} {r['image_gflops_fvcore']:>12.3f} "
+              f"{r['image_gflops_analytic']:>9.3f} {ratio:>6} {r['text_gflops_fvcore']:>6.2f} {r['pair_gflops']:>7.2f} {ceiling:>21}")
+    if args.ckpt:
+        c = result["checkpoint"]
+        print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "
+              f"boundaries (rate {c['measured_rate']:.3f}, target {c['target_rate']:.3f}; "
+              f"{c['image_gflops_target_rate']:.3f} at the target rate)")
+    if args.bench:
+        memory = "peak GiB" if args.device.startswith("cuda") else "saved-activation GiB"
+        print(f"\n{args.tower} tower training step, batch {args.batch_size}, {args.device}, "
+              f"torch {torch.__version__}{', compiled' if args.compile else ''}")
+        print(f"{'compress':>8} {'step ms':>8} {'images/s':>9} {'speed-up':>8} {memory:>20} {'ratio':>6} {'valid tokens':>12}")
+        for r in result["bench"]:
+            m = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["saved_activations_gib"]
+            print(f"{r['compress']:>8g} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
+                  f"{(r['speedup'] or 0):>7.2f}x {m:>20.3f} {(r['memory_ratio'] or 0):>6.2f} {r['valid_token_fraction']:>11.1%}")
+    if skipped:
+        print("\nops fvcore has no handle for (counted as zero): "
+              + ", ".join(f"{op} x{n}" for op, n in skipped.most_common()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

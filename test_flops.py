@@ -1,0 +1,66 @@
+"""FLOP counting: fvcore with the attention handle agrees with the analytic formula."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from flops import ImageTower, TextTower, fvcore_macs, text_tower_macs
+from model import CLIP, even_boundaries, image_tower_macs, make_config
+
+
+def formula(image_size, patch, width=768, layers=12, tokens=None):
+    """12*N*D^2 + 2*N^2*D per layer plus the patch embedding (DESIGN.md section 3), final projection to 512."""
+    N = (image_size // patch) ** 2
+    L = N + 1
+    return N * 3 * patch * patch * width + layers * (12 * L * width ** 2 + 2 * L * L * width) + width * 512
+
+
+@pytest.mark.parametrize("name,patch,published", [("ViT-B-32", 32, 4.41), ("ViT-B-16", 16, 17.56)])
+def test_fvcore_counts_attention(name, patch, published):
+    clip = CLIP(make_config(name))
+    skipped = Counter()
+    counted = fvcore_macs(ImageTower(clip.visual), (torch.randn(1, 3, 224, 224),), skipped)
+    assert counted == pytest.approx(formula(224, patch), rel=0.01)
+    assert counted / 1e9 == pytest.approx(published, rel=0.01)
+    assert "aten::scaled_dot_product_attention" not in skipped
+
+
+@pytest.mark.parametrize("compress", [2, 4, 10])
+def test_fvcore_matches_analytic_at_target_rate(compress):
+    cfg = make_config("ViT-B-32", compress=compress)
+    clip = CLIP(cfg)
+    segments = round(49 / compress)
+    tower = ImageTower(clip.visual, even_boundaries(1, 49, segments))
+    counted = fvcore_macs(tower, (torch.randn(1, 3, 224, 224),), Counter())
+    counted += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, 49, 768),), Counter())
+    assert counted == pytest.approx(image_tower_macs(cfg, segments), rel=0.01)
+    # with the predictor's own boundaries, forced to the same count, fvcore sees the predictor in the graph
+    clip.visual.boundary_predictor.out.weight.data.zero_()
+    with torch.no_grad():
+        clip.visual.boundary_predictor.out.bias.data[...] = torch.logit(torch.tensor((segments - 1) / 48))
+    predicted = fvcore_macs(ImageTower(clip.visual), (torch.randn(1, 3, 224, 224),), Counter())
+    assert predicted == pytest.approx(image_tower_macs(cfg, segments), rel=0.01)
+
+
+def test_text_tower_count():
+    cfg = make_config("ViT-B-32")
+    counted = fvcore_macs(TextTower(CLIP(cfg)), (torch.ones(1, 77, dtype=torch.long),), Counter())
+    assert counted == pytest.approx(text_tower_macs(cfg), rel=0.01)
+    assert counted / 1e9 == pytest.approx(2.98, rel=0.01)
+
+
+def test_cli_json_and_cpu_bench():
+    result = subprocess.run([sys.executable, "flops.py", "--model", "tiny", "--compress", "1", "4", "--json",
+                             "--bench", "--batch_size", "8", "--steps", "2", "--warmup", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    flops, bench = out["flops"], out["bench"]
+    assert [r["compress"] for r in flops] == [1, 4] and flops[1]["image_ratio"] < 0.6
+    assert bench[0]["speedup"] == 1 and bench[1]["step_ms"] > 0
+    assert bench[0]["valid_token_fraction"] == 1 and 0 < bench[1]["valid_token_fraction"] <= 1
+    assert bench[1]["saved_activations_gib"] < bench[0]["saved_activations_gib"]
