@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from model import CLIP, CLIPConfig, VisionTransformer, even_boundaries, image_tower_macs, make_config
+from common import image_transform, load_clip_checkpoint, load_image
+from model import CLIP, CLIPConfig, even_boundaries, image_tower_macs, make_config
 
 
 def sdpa_macs(inputs, outputs):
@@ -103,24 +104,18 @@ def flops_rows(model_name, compresses, pre_layers, skipped):
 
 def checkpoint_row(ckpt, image_dir, max_images, skipped):
     """fvcore count with the checkpoint's own (eval-rule) boundaries, averaged over real images."""
-    from PIL import Image, ImageOps
-    import torchvision.transforms as T
-
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    cfg = CLIPConfig(**checkpoint["model_config"])
-    clip = CLIP(cfg)
-    clip.load_state_dict(checkpoint["model"])
-    transform = T.Compose([T.Resize(cfg.image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(cfg.image_size),
-                           T.ToTensor(), T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    clip, checkpoint = load_clip_checkpoint(ckpt)
+    cfg = clip.cfg
+    transform = image_transform(cfg.image_size)
     files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))[:max_images]
     if not files:
         sys.exit(f"error: no .jpg/.jpeg/.png/.webp images in {image_dir}")
     macs, rates = [], []
     for name in files:
-        image = transform(ImageOps.exif_transpose(Image.open(os.path.join(image_dir, name))).convert("RGB"))[None]
+        image = transform(load_image(os.path.join(image_dir, name)))[None]
         macs.append(fvcore_macs(ImageTower(clip.visual), (image,), skipped))
         with torch.no_grad():
-            rates.append(clip.visual.eval()(image).boundary_rate.item())
+            rates.append(clip.visual(image).boundary_rate.item())
     return {"checkpoint": ckpt, "compress": cfg.compress, "images": len(files),
             "image_gflops_predicted": statistics.mean(macs) / 1e9, "measured_rate": statistics.mean(rates),
             "target_rate": 1 / cfg.compress, "image_gflops_target_rate": image_tower_macs(cfg) / 1e9}

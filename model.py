@@ -63,8 +63,8 @@ class CLIPConfig:
 CONFIGS = {
     "ViT-B-32": CLIPConfig(patch_size=32),
     "ViT-B-16": CLIPConfig(patch_size=16),
-    # trains in minutes on a 2-core CPU: 8x8 patches of 8 px
-    "tiny": CLIPConfig(embed_dim=128, image_size=64, patch_size=8, width=128, layers=4, heads=4,
+    # trains in minutes on a 2-core CPU: 6x6 patches of 8 px
+    "tiny": CLIPConfig(embed_dim=128, image_size=48, patch_size=8, width=128, layers=4, heads=4,
                        mlp_dim=512, pre_layers=1, context_length=32, vocab_size=1024,
                        text_width=128, text_layers=2, text_heads=4),
 }

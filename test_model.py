@@ -91,7 +91,8 @@ def test_batch_invariance_in_eval(compress):
     model = VisionTransformer(make_config("tiny", compress=compress)).eval()
     if compress > 1:  # make segment counts differ between images, so padding is exercised
         model.boundary_predictor.out.weight.data.mul_(200)
-    images = torch.randn(6, 3, 64, 64) * torch.linspace(0.2, 3, 6).view(6, 1, 1, 1)
+    size = model.cfg.image_size
+    images = torch.randn(6, 3, size, size) * torch.linspace(0.2, 3, 6).view(6, 1, 1, 1)
     with torch.no_grad():
         batch = model(images)
         if compress > 1:
@@ -152,9 +153,10 @@ def test_compress_1_is_the_plain_vit():
     assert not any("boundary_predictor" in name for name, _ in plain.named_parameters())
     drip_names = {n for n, _ in drip.named_parameters() if not n.startswith("boundary_predictor.")}
     assert {n for n, _ in plain.named_parameters()} == drip_names
-    images = torch.randn(3, 3, 64, 64)
+    size = plain.cfg.image_size
+    images = torch.randn(3, 3, size, size)
     out = plain.train()(images)
-    assert out.boundaries is None and out.tokens.shape == (3, 64, 128) and out.valid.all()
+    assert out.boundaries is None and out.tokens.shape == (3, plain.num_patches, 128) and out.valid.all()
     assert out.aux_loss.item() == 0
     with torch.no_grad():
         embedding, tokens = reference_vit(plain, images)
@@ -167,7 +169,7 @@ def test_eval_boundaries_deterministic_at_training_rate(compress):
     torch.manual_seed(0)
     model = VisionTransformer(make_config("tiny", compress=compress)).eval()
     model.boundary_predictor.out.weight.data.mul_(30)  # spread the logits like a trained predictor
-    images = torch.randn(32, 3, 64, 64)
+    images = torch.randn(32, 3, model.cfg.image_size, model.cfg.image_size)
     with torch.no_grad():
         first, second = model(images), model(images)
         assert torch.equal(first.boundaries, second.boundaries)
@@ -257,6 +259,7 @@ def test_bad_config_is_one_clear_error():
 def test_given_boundaries_replace_the_predicted_ones():
     torch.manual_seed(0)
     model = VisionTransformer(make_config("tiny", compress=4)).eval()
-    boundaries = even_boundaries(2, 64, 8)
-    out = model(torch.randn(2, 3, 64, 64), boundaries=boundaries)
+    size, N = model.cfg.image_size, model.num_patches
+    boundaries = even_boundaries(2, N, 8)
+    out = model(torch.randn(2, 3, size, size), boundaries=boundaries)
     assert torch.equal(out.boundaries, boundaries) and out.tokens.shape == (2, 8, 128) and out.valid.all()

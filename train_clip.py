@@ -1,0 +1,452 @@
+"""CLIP contrastive pretraining with a DRIP (or plain) image tower.
+
+    python train_clip.py                                  # tiny model on built-in shapes data, CPU
+    python train_clip.py --compress 4                     # the same with DRIP at 4x
+    torchrun --nproc_per_node=8 train_clip.py --model ViT-B-16 --compress 4 \\
+        --train_data 'laion/{00000..01023}.tar' --train_num_samples 10000000 \\
+        --val_data imagenet/val --classnames imagenet_classnames.txt --batch_size 256 --epochs 10
+
+Options are the module-level defaults below, overridden as --key=value or --key value.
+Without --train_data, a shapes dataset is written to data/shapes (webdataset shards for
+training, an ImageFolder for zero-shot evaluation) and a BPE tokenizer is trained on its
+captions. Every epoch reports zero-shot top-1/top-5, the boundary rate against its
+target, step and data time, images/s and peak memory, to the console and to
+out_dir/metrics.jsonl. out_dir/ckpt.pt is written atomically every checkpoint_every
+steps and at the end; --resume continues from it.
+"""
+import gzip
+import io
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+import webdataset as wds
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.datasets import ImageFolder
+
+from common import (all_reduce_sum, cosine_lr, die, image_transform, load_image, parse_overrides, peak_memory_gb,
+                    rng_state, save_checkpoint, set_rng_state, setup_distributed, write_shapes_dataset)
+from model import CLIP, CLIPConfig, image_tower_macs, make_config
+
+# -----------------------------------------------------------------------------
+# defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
+model = "tiny"              # tiny | ViT-B-32 | ViT-B-16
+compress = 1.0              # DRIP compression; 1 = plain ViT
+pre_layers = 0              # blocks before pooling; 0 = the model's default
+train_data = ""             # webdataset shards, e.g. 'shards/{00000..01023}.tar'; empty = built-in shapes
+train_num_samples = 0       # samples per epoch (required with --train_data)
+val_data = ""               # ImageFolder for zero-shot evaluation, e.g. ImageNet val
+classnames = ""             # one class name per line, in the val folders' order
+tokenizer = ""              # tokenizer.json or bpe_simple_vocab_16e6.txt.gz; empty = train a BPE
+data_dir = "data"           # where the built-in data is written
+out_dir = ""                # empty = out/clip_<model>_c<compress>
+epochs = 6
+batch_size = 128            # per rank
+lr = 1e-3
+warmup_steps = 50
+weight_decay = 0.2          # on matrices only
+beta1, beta2, eps = 0.9, 0.98, 1e-6
+boundary_loss_weight = 1.0  # lambda of the binomial prior
+grad_clip = 1.0             # 0 = off
+workers = 1                 # data loader processes per rank
+seed = 0
+dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
+compile = False
+grad_checkpointing = False
+log_every = 20
+checkpoint_every = 200      # steps
+resume = False
+max_steps = 0               # stop after this many steps (0 = run all epochs); for tests and smoke runs
+config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
+                          isinstance(v, (int, float, str, bool))})
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+SHAPES_TEMPLATES = ["a {}.", "a photo of a {}.", "an image showing one {}.", "a drawing of a {}."]
+IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def byte_level_tokenizer(model_):
+    """Lower-cased byte-level BPE with start/end-of-text tokens, truncation and zero padding."""
+    tok = Tokenizer(model_)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    # CLIP's word split, then bytes mapped to printable characters
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"), "removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def finish_tokenizer(tok, start, end, context_length):
+    tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
+                                                       special_tokens=[(t, tok.token_to_id(t)) for t in (start, end)])
+    tok.enable_truncation(context_length)
+    tok.enable_padding(pad_id=0, length=context_length)
+    return tok
+
+
+def train_tokenizer(captions, vocab_size, context_length):
+    """A BPE trained on the captions; <pad> is id 0, as the text tower expects."""
+    tok = byte_level_tokenizer(models.BPE())
+    specials = ["<pad>", "<start_of_text>", "<end_of_text>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    return finish_tokenizer(tok, "<start_of_text>", "<end_of_text>", context_length)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's map from the 256 bytes to printable characters, as ByteLevel uses it."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))])}
+
+
+def clip_tokenizer(path, context_length):
+    """CLIP's own BPE from open_clip's bpe_simple_vocab_16e6.txt.gz, so token ids match pretrained towers."""
+    merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
+    tok = byte_level_tokenizer(bpe)
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    return finish_tokenizer(tok, "<|startoftext|>", "<|endoftext|>", context_length)
+
+
+def load_tokenizer(path, context_length):
+    try:
+        if path.endswith(".gz"):
+            return clip_tokenizer(path, context_length)
+        tok = Tokenizer.from_file(path)
+        tok.enable_truncation(context_length)
+        tok.enable_padding(pad_id=0, length=context_length)
+        return tok
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        die(f"cannot read tokenizer {path} ({e}); give a tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz")
+
+
+def tokenize(tok, texts):
+    return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)  # B x context_length
+
+
+# ----------------------------------------------------------------------------- data
+
+def decode_batches(samples, batch_size, tok, transform):
+    """Raw webdataset samples -> (images, tokens, skipped) batches; skipped counts the samples that
+    could not be decoded (a corrupt image must not stop a run, nor go unnoticed)."""
+    images, texts, skipped = [], [], 0
+    for sample in samples:
+        try:
+            data = next(sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in sample)
+            image, text = transform(load_image(io.BytesIO(data))), sample["txt"].decode("utf-8")
+        except Exception:
+            skipped += 1
+            continue
+        images.append(image)
+        texts.append(text)
+        if len(images) == batch_size:
+            yield torch.stack(images), tokenize(tok, texts), skipped
+            images, texts, skipped = [], [], 0
+
+
+def same_seed_on_every_rank():
+    return 0
+
+
+def train_loader(urls, tok, image_size, steps, stream_seed):
+    """Exactly `steps` batches on every rank, however the shards are sized.
+
+    Shards are drawn with replacement (resampled) from one stream that every rank
+    seeds alike; split_by_node and split_by_worker then hand each rank and worker its
+    own share of that stream. Since the stream never ends, with_epoch(steps) cuts
+    every rank at the same step: no rank waits in an all-reduce for one that ran dry.
+    """
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=stream_seed, worker_seed=same_seed_on_every_rank, deterministic=True),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(1000, seed=stream_seed + int(os.environ.get("RANK", 0))),
+        # real data gets open_clip's mild random crop; the shapes are already random in size and place,
+        # and a crop's aspect change would turn circles into ellipses
+        partial(decode_batches, batch_size=batch_size, tok=tok,
+                transform=image_transform(image_size, augment=bool(train_data))),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers).with_epoch(steps)
+
+
+def expand_shards(pattern):
+    urls = wds.shardlists.expand_urls(pattern)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u) or os.path.getsize(u) == 0]
+    if not urls or missing:
+        die(f"training shards missing or empty: {missing[0] if missing else pattern}; check --train_data")
+    return urls
+
+
+# ----------------------------------------------------------------------------- zero-shot evaluation
+
+@torch.no_grad()
+def zero_shot_classifier(model, tok, names, templates, device):
+    """C x E: per class, the normalised mean of its normalised prompt embeddings."""
+    weights = []
+    for name in names:
+        text = tokenize(tok, [t.format(name) for t in templates]).to(device)
+        features = F.normalize(model.encode_text(text).float(), dim=-1)  # templates x E
+        weights.append(F.normalize(features.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def zero_shot(model, tok, dataset, names, templates, device, autocast):
+    """Top-1/top-5 accuracy and boundary rate; each rank evaluates every world_size-th image."""
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
+    with autocast:
+        classifier = zero_shot_classifier(model, tok, names, templates, device)
+    top1 = top5 = count = boundaries = 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast:
+            vision = model.encode_image(images)
+        logits = F.normalize(vision.embedding.float(), dim=-1) @ classifier.t()  # B x C
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == labels).sum().item()
+        top5 += (top == labels[:, None]).any(1).sum().item()
+        count += len(labels)
+        boundaries += vision.boundary_rate.item() * len(labels)
+    top1, top5, count, boundaries = all_reduce_sum([top1, top5, count, boundaries], device)
+    model.train()
+    return {"zero_shot_top1": 100 * top1 / count, "zero_shot_top5": 100 * top5 / count,
+            "eval_boundary_rate": boundaries / count, "eval_images": int(count)}
+
+
+# ----------------------------------------------------------------------------- loss
+
+def contrastive_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE over the features of all ranks; local rows, gathered columns (open_clip's local loss)."""
+    if dist.is_initialized():
+        all_image = torch.cat(dist_nn.all_gather(image_features))  # world*B x E, with gradient
+        all_text = torch.cat(dist_nn.all_gather(text_features))
+        offset = dist.get_rank() * len(image_features)
+    else:
+        all_image, all_text, offset = image_features, text_features, 0
+    labels = torch.arange(len(image_features), device=image_features.device) + offset
+    logits_per_image = logit_scale * image_features @ all_text.t()  # B x world*B
+    logits_per_text = logit_scale * text_features @ all_image.t()
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# ----------------------------------------------------------------------------- set-up
+
+if compress < 1:
+    die(f"--compress must be >= 1 (1 = plain ViT), got {compress}")
+rank, world_size, device = setup_distributed()
+master = rank == 0
+random.seed(seed + rank)
+torch.manual_seed(seed + rank)
+if dtype == "auto":
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+out_dir = out_dir or f"out/clip_{model}_c{compress:g}"
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+overrides = {"compress": compress} | ({"pre_layers": pre_layers} if pre_layers else {})
+try:
+    model_config = make_config(model, **overrides)
+except ValueError as e:
+    die(str(e))
+
+checkpoint = None
+if resume:
+    if not os.path.exists(ckpt_path):
+        die(f"--resume: no checkpoint at {ckpt_path}; run without --resume first or give --out_dir")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if CLIPConfig(**checkpoint["model_config"]) != model_config:
+        saved = CLIPConfig(**checkpoint["model_config"])
+        diff = ", ".join(f"{k}={v} (now {getattr(model_config, k)})" for k, v in asdict(saved).items()
+                         if getattr(model_config, k) != v)
+        die(f"{ckpt_path} is a checkpoint of another configuration: {diff}; use the same --model/--compress or another --out_dir")
+
+if train_data:
+    urls = expand_shards(train_data)
+    if train_num_samples <= 0:
+        die("--train_num_samples is required with --train_data (samples per epoch)")
+    if not val_data or not classnames:
+        die("--val_data DIR and --classnames FILE are required with --train_data for zero-shot evaluation")
+    templates = IMAGENET_TEMPLATES
+else:
+    shapes_dir = os.path.join(data_dir, "shapes")
+    if master:
+        write_shapes_dataset(shapes_dir, size=model_config.image_size)
+    if dist.is_initialized():
+        dist.barrier()
+    info = json.load(open(os.path.join(shapes_dir, "info.json")))
+    if info["size"] != model_config.image_size:
+        die(f"{shapes_dir} holds {info['size']} px images, the model wants {model_config.image_size}; use another --data_dir")
+    urls = sorted(os.path.join(shapes_dir, f) for f in os.listdir(shapes_dir) if f.endswith(".tar"))
+    train_num_samples = train_num_samples or info["train_samples"]
+    val_data, classnames = val_data or os.path.join(shapes_dir, "val"), classnames or os.path.join(shapes_dir, "classnames.txt")
+    templates = SHAPES_TEMPLATES
+
+if not os.path.isdir(val_data):
+    die(f"--val_data {val_data} is not a folder; give an ImageFolder such as ImageNet's val/")
+val_set = ImageFolder(val_data, transform=image_transform(model_config.image_size, augment=False), loader=load_image)
+names = [line.strip() for line in open(classnames) if line.strip()] if os.path.isfile(classnames) else []
+if len(names) != len(val_set.classes):
+    die(f"--classnames {classnames} has {len(names)} names but {val_data} has {len(val_set.classes)} class folders")
+
+# tokenizer: from the checkpoint, a file, or trained here on the training captions
+if checkpoint is not None:
+    tok = Tokenizer.from_str(checkpoint["tokenizer"])
+elif tokenizer:
+    tok = load_tokenizer(tokenizer, model_config.context_length)
+else:
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    if master:
+        if train_data:
+            captions = (s["txt"].decode("utf-8", "replace") for s in
+                        wds.DataPipeline(wds.SimpleShardList(urls[:8]), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
+        else:
+            captions = open(os.path.join(shapes_dir, "captions.txt")).read().splitlines()
+        os.makedirs(out_dir, exist_ok=True)
+        train_tokenizer(captions, model_config.vocab_size, model_config.context_length).save(tok_path)
+    if dist.is_initialized():
+        dist.barrier()
+    tok = Tokenizer.from_file(tok_path)
+if tok.get_vocab_size() > model_config.vocab_size:
+    die(f"tokenizer has {tok.get_vocab_size()} tokens, more than the model's vocabulary of {model_config.vocab_size}")
+
+raw_model = CLIP(model_config).to(device)
+raw_model.visual.transformer.grad_checkpointing = grad_checkpointing
+raw_model.transformer.grad_checkpointing = grad_checkpointing
+decay = [p for p in raw_model.parameters() if p.ndim >= 2]
+no_decay = [p for p in raw_model.parameters() if p.ndim < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=lr, betas=(beta1, beta2), eps=eps, fused=device.type == "cuda")
+steps_per_epoch = train_num_samples // (batch_size * world_size)
+if steps_per_epoch == 0:
+    die(f"--train_num_samples {train_num_samples} is less than one batch ({batch_size} x {world_size} ranks)")
+total_steps = epochs * steps_per_epoch
+step = 0
+if checkpoint is not None:
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    step = checkpoint["step"]
+    if len(checkpoint["rng"]) == world_size:
+        set_rng_state(checkpoint["rng"][rank])
+    if master:
+        print(f"resumed from {ckpt_path} at step {step}")
+ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else raw_model
+train_step_model = torch.compile(ddp_model) if compile else ddp_model
+
+
+def write_checkpoint():
+    states = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if master:
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "model_config": asdict(model_config), "run_config": config, "tokenizer": tok.to_str(),
+                         "rng": states}, ckpt_path)
+
+
+def log(record):
+    if master:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"{model_config.image_size}px {model} compress {compress:g}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
+          f"parameters, {world_size} rank(s), {steps_per_epoch} steps/epoch x {epochs} epochs, {device} {dtype}")
+target_rate = 1 / compress
+skipped_total = 0
+epoch_summary = {}
+while step < total_steps and (not max_steps or step < max_steps):
+    epoch = step // steps_per_epoch
+    steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
+    # a fresh data stream for each (epoch, start step): a resumed run draws the rest of its epoch
+    loader = train_loader(urls, tok, model_config.image_size, steps_left, seed * 1_000_003 + epoch * 10_007 + step)
+    sums = dict(contrastive=0.0, boundary=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
+    t_data = time.perf_counter()
+    for images, text, skipped in loader:
+        t_start = time.perf_counter()
+        images, text = images.to(device, non_blocking=True), text.to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
+        with autocast:
+            image_features, text_features, logit_scale, vision = train_step_model(images, text)
+            contrastive = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float())
+            loss = contrastive + boundary_loss_weight * vision.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            raw_model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        skipped_total += skipped
+        t_end = time.perf_counter()
+        sums["steps"] += 1
+        sums["data_time"] += t_start - t_data
+        sums["step_time"] += t_end - t_data
+        sums["contrastive"] += contrastive.detach()
+        sums["boundary"] += vision.aux_loss.detach()
+        sums["rate"] += vision.boundary_rate
+        if step % log_every == 0 and master:
+            print(f"step {step}/{total_steps} loss {loss.item():.4f} contrastive {contrastive.item():.4f} "
+                  f"boundary {vision.aux_loss.item():.4f} rate {vision.boundary_rate.item():.3f}/{target_rate:.3f} "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} step {1000 * (t_end - t_data):.0f}ms"
+                  + (f" skipped {skipped_total}" if skipped_total else ""), flush=True)
+        if step % checkpoint_every == 0:
+            write_checkpoint()
+        t_data = time.perf_counter()
+    n = max(1, sums["steps"])
+    parts = all_reduce_sum([float(sums["contrastive"]), float(sums["boundary"]), float(sums["rate"]), skipped_total], device)
+    epoch_summary = {
+        "epoch": step / steps_per_epoch,
+        "step": step,
+        **zero_shot(raw_model, tok, val_set, names, templates, device, autocast),
+        "train_boundary_rate": parts[2] / (n * world_size), "target_rate": target_rate,
+        "contrastive_loss": parts[0] / (n * world_size), "boundary_loss": parts[1] / (n * world_size),
+        "step_time_s": sums["step_time"] / n, "data_time_s": sums["data_time"] / n,
+        "images_per_s": batch_size * world_size * n / sums["step_time"], "peak_memory_gb": peak_memory_gb(device),
+        "skipped_samples": int(parts[3]), "logit_scale": raw_model.logit_scale.exp().item(),
+    }
+    log(epoch_summary)
+
+write_checkpoint()
+if master and epoch_summary:
+    s = epoch_summary
+    print("| model | GFLOPs (analytic) | resolution | patch size | #epochs | Top-1 Acc (%) | Top-5 Acc (%) "
+          "| peak memory (GB) | avg training step time (s) |")
+    print(f"| {model}{'' if compress == 1 else f' {compress:g}x comp'} | {image_tower_macs(model_config) / 1e9:.2f} "
+          f"| {model_config.image_size} | {model_config.patch_size} | {s['epoch']:g} | {s['zero_shot_top1']:.2f}% "
+          f"| {s['zero_shot_top5']:.2f}% | {s['peak_memory_gb']:.1f} | {s['step_time_s']:.3f} |")
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -1,0 +1,211 @@
+"""See where DRIP cuts an image: the patch grid, each segment in its own colour, boundary patches marked.
+
+    python visualize.py img.jpg [more.jpg ...]                 # newest DRIP checkpoint under out/
+    python visualize.py img.jpg --ckpt a.pt --ckpt b.pt        # one panel per checkpoint, side by side
+    python visualize.py img.jpg --sample --seed 42             # Gumbel samples instead of the eval rule
+    python visualize.py --stats data/shapes/val                # segments-per-image histogram and mean rate
+    python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
+
+PNGs go next to each image (name_drip.png) or into --out DIR. Images are preprocessed as
+in training (EXIF orientation, RGB, resize + centre crop). An unreadable image is
+reported and skipped; the others still render.
+"""
+import argparse
+import colorsys
+import glob
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from common import CLASSES, VAL_SEED_OFFSET, die, image_transform, load_clip_checkpoint, load_image, make_shape_image
+
+CELL = 48  # pixels per patch in the drawing
+
+
+def newest_drip_checkpoint(root="out"):
+    """The most recently written train_clip.py checkpoint with compress > 1."""
+    for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=os.path.getmtime, reverse=True):
+        if torch.load(path, map_location="cpu", weights_only=False)["model_config"]["compress"] > 1:
+            return path
+    die(f"no DRIP checkpoint under {root}/: train one with `python train_clip.py --compress 4`, or pass --ckpt PATH")
+
+
+@torch.no_grad()
+def boundaries_of(model, image, sample):
+    """Boundaries (N,) for one PIL image, with the model's own preprocessing."""
+    x = image_transform(model.cfg.image_size)(image)[None]
+    return model.visual(x, sample=sample).boundaries[0]
+
+
+def segment_colours(count):
+    """Distinct hues; neighbouring segments (in raster order) get far-apart colours."""
+    hues = [(i * 0.618034) % 1 for i in range(count)]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)) for h in hues]
+
+
+def render_panel(image, boundaries, title):
+    """The resized image with segments tinted, segment borders drawn and boundary patches dotted."""
+    N = len(boundaries)
+    grid = int(round(N ** 0.5))
+    size = grid * CELL
+    segment = (boundaries.cumsum(0) - boundaries).long().view(grid, grid).tolist()  # row-major, as the model cuts
+    colours = segment_colours(int(boundaries.sum()))
+    base = image.resize((size, size), Image.NEAREST).convert("RGBA")
+    tint = Image.new("RGBA", (size, size))
+    draw = ImageDraw.Draw(tint)
+    for row in range(grid):
+        for col in range(grid):
+            draw.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1],
+                           fill=colours[segment[row][col]] + (70,))
+    panel = Image.alpha_composite(base, tint)
+    draw = ImageDraw.Draw(panel)
+    for i in range(grid + 1):  # thin patch grid
+        draw.line([(i * CELL, 0), (i * CELL, size)], fill=(255, 255, 255, 90))
+        draw.line([(0, i * CELL), (size, i * CELL)], fill=(255, 255, 255, 90))
+    for row in range(grid):  # thick lines between different segments
+        for col in range(grid):
+            if col + 1 < grid and segment[row][col] != segment[row][col + 1]:
+                draw.line([((col + 1) * CELL, row * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill="black", width=3)
+            if row + 1 < grid and segment[row][col] != segment[row + 1][col]:
+                draw.line([(col * CELL, (row + 1) * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill="black", width=3)
+            if boundaries[row * grid + col]:
+                cx, cy = col * CELL + CELL // 2, row * CELL + CELL // 2
+                draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill="white", outline="black", width=2)
+    framed = Image.new("RGB", (size, size + 22), "white")
+    framed.paste(panel.convert("RGB"), (0, 22))
+    ImageDraw.Draw(framed).text((4, 5), title, fill="black")
+    return framed
+
+
+def describe(checkpoint, boundaries, sample, seed):
+    cfg = checkpoint["model_config"]
+    name = checkpoint.get("run_config", {}).get("model", "")
+    k, N = int(boundaries.sum()), len(boundaries)
+    mode = f", sampled seed {seed}" if sample else ""
+    return f"{name} {cfg['compress']:g}x: {k}/{N} boundaries, rate {k / N:.2f}{mode}"
+
+
+def render_file(path, models, out_dir, sample, seed):
+    image = load_image(path)
+    panels = []
+    for model, checkpoint in models:
+        if sample:
+            torch.manual_seed(seed)
+        boundaries = boundaries_of(model, image, sample)
+        resized = image_transform(model.cfg.image_size).transforms[0](image)  # resize + crop only
+        panels.append(render_panel(resized, boundaries, describe(checkpoint, boundaries, sample, seed)))
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    sheet = Image.new("RGB", (width, max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 8
+    stem = os.path.splitext(os.path.basename(path))[0] + "_drip.png"
+    target = os.path.join(out_dir or os.path.dirname(os.path.abspath(path)), stem)
+    sheet.save(target)
+    return target
+
+
+def image_files(folder):
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
+    return sorted(found)
+
+
+def stats(folder, model, checkpoint, out_dir):
+    """Histogram of segments per image over a folder (recursively), as a PNG and as numbers."""
+    files = image_files(folder)
+    if not files:
+        die(f"no images in {folder}")
+    counts = []
+    for path in files:
+        try:
+            counts.append(int(boundaries_of(model, load_image(path), sample=False).sum()))
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+    N = model.visual.num_patches
+    histogram = np.bincount(counts, minlength=N + 1)
+    result = {"images": len(counts), "patches": N, "mean_segments": float(np.mean(counts)),
+              "mean_rate": float(np.mean(counts)) / N, "target_rate": 1 / checkpoint["model_config"]["compress"],
+              "min_segments": min(counts), "max_segments": max(counts),
+              "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v}}
+    lo, hi = min(counts), max(counts)
+    bars = histogram[lo:hi + 1]
+    width, height, bar = max(460, 40 + 24 * len(bars)), 240, 24
+    plot = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(plot)
+    for i, v in enumerate(bars):
+        h = int(170 * v / bars.max())
+        draw.rectangle([20 + i * bar, 200 - h, 20 + i * bar + bar - 4, 200], fill=(60, 110, 200))
+        draw.text((22 + i * bar, 204), str(lo + i), fill="black")
+    draw.text((20, 6), f"segments per image, {len(counts)} images; mean rate {result['mean_rate']:.3f} "
+                       f"(target {result['target_rate']:.3f})", fill="black")
+    target = os.path.join(out_dir or ".", "segments_histogram.png")
+    plot.save(target)
+    result["plot"] = target
+    return result
+
+
+def object_ratio(model, images, seed=0):
+    """(fraction of boundaries on patches touching the object) / (fraction of patches touching it).
+
+    On freshly generated images of the held-out split's generator, whose object masks are
+    known. 1.0 is content-blind. The last patch, always a boundary, is left out.
+    """
+    size, grid = model.cfg.image_size, model.cfg.image_size // model.cfg.patch_size
+    rng = random.Random(seed + VAL_SEED_OFFSET)
+    on_object = boundaries_total = object_patches = patches_total = 0
+    for _ in range(images):
+        image, _, mask = make_shape_image(rng, rng.randrange(len(CLASSES)), size, with_mask=True)
+        touches = mask.reshape(grid, size // grid, grid, size // grid).any(axis=(1, 3)).reshape(-1)[:-1]
+        boundaries = boundaries_of(model, image, sample=False).numpy()[:-1].astype(bool)
+        on_object += (boundaries & touches).sum()
+        boundaries_total += boundaries.sum()
+        object_patches += touches.sum()
+        patches_total += len(touches)
+    ratio = (on_object / max(1, boundaries_total)) / (object_patches / patches_total)
+    return {"images": images, "boundaries_on_object": float(on_object / max(1, boundaries_total)),
+            "patches_touching_object": float(object_patches / patches_total), "object_ratio": float(ratio)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="*")
+    parser.add_argument("--ckpt", action="append", help="train_clip.py checkpoint; repeat for side-by-side panels")
+    parser.add_argument("--out", help="folder for the PNGs (default: next to each image)")
+    parser.add_argument("--sample", action="store_true", help="Gumbel samples instead of the deterministic eval rule")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--stats", metavar="DIR", help="histogram of segments per image over a folder")
+    parser.add_argument("--object_ratio", type=int, metavar="N", help="boundary/object ratio on N generated shapes")
+    args = parser.parse_args()
+    if not (args.images or args.stats or args.object_ratio):
+        parser.error("give images, --stats DIR or --object_ratio N")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    models = [load_clip_checkpoint(path) for path in (args.ckpt or [newest_drip_checkpoint()])]
+    for model, checkpoint in models:
+        if model.visual.boundary_predictor is None:
+            die("that checkpoint is a plain ViT (compress 1): it has no boundaries to draw; "
+                "train one with `python train_clip.py --compress 4`")
+    failed = 0
+    for path in args.images:
+        try:
+            print(render_file(path, models, args.out, args.sample, args.seed))
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+            failed += 1
+    if args.stats:
+        print(json.dumps(stats(args.stats, *models[0], args.out), indent=2))
+    if args.object_ratio:
+        print(json.dumps(object_ratio(models[0][0], args.object_ratio), indent=2))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
