@@ -98,9 +98,8 @@ def eval_boundaries(logits):
 
     Thresholding logits at 0 would give almost no boundaries when every
     sigmoid(logit) is about 1/compress. Instead keep as many boundaries as training
-    expects, k = round(sum sigmoid(l_i)), at the patches with the highest logits.
-    The last patch always ends a segment (as in `force_last_boundary`), so it counts
-    towards k and the k-1 others are picked among the first N-1 patches.
+    expects: the last patch (always a boundary, as in `force_last_boundary`) and, among
+    the other N-1 patches, the k = round(sum sigmoid(l_i)) with the highest logits.
     """
     probs = torch.sigmoid(logits[:, :-1])                       # B x N-1
     k = probs.sum(1).round()                                    # B, besides the last patch
