@@ -5,8 +5,10 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flops import ImageTower, TextTower, fvcore_macs, text_tower_macs
 from model import CLIP, even_boundaries, image_tower_macs, make_config
@@ -64,3 +66,23 @@ def test_cli_json_and_cpu_bench():
     assert bench[0]["speedup"] == 1 and bench[1]["step_ms"] > 0
     assert bench[0]["valid_token_fraction"] == 1 and 0 < bench[1]["valid_token_fraction"] <= 1
     assert bench[1]["saved_activations_gib"] < bench[0]["saved_activations_gib"]
+
+
+def test_cli_counts_with_a_checkpoints_predicted_boundaries(tmp_path):
+    cfg = make_config("tiny", compress=4)
+    torch.manual_seed(0)
+    model = CLIP(cfg)
+    torch.save({"model": model.state_dict(), "model_config": cfg.__dict__}, tmp_path / "ckpt.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((60, 80, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    result = subprocess.run([sys.executable, "flops.py", "--model", "tiny", "--compress", "4", "--json",
+                             "--ckpt", str(tmp_path / "ckpt.pt"), "--images", str(images)],
+                            capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout)["checkpoint"]
+    assert row["images"] == 3 and row["target_rate"] == 0.25
+    # the count follows the measured rate: the analytic formula at the measured segment count
+    segments = round(row["measured_rate"] * 36)
+    assert row["image_gflops_predicted"] * 1e9 == pytest.approx(image_tower_macs(cfg, segments), rel=0.01)
