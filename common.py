@@ -3,6 +3,7 @@ schedule, atomic checkpoints, peak memory, and the built-in shapes dataset.
 
 The training scripts import this module and model.py, nothing else of the project.
 """
+import gzip
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageOps
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 
 def die(message):
@@ -150,6 +152,20 @@ def load_clip_checkpoint(path):
 
 
 
+def load_weights_file(path):
+    """A state dict from .pt / .bin (torch) or .safetensors."""
+    if not os.path.isfile(path):
+        die(f"no weights file at {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        weights = torch.load(path, map_location="cpu", weights_only=False)
+        return weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    except Exception as e:
+        die(f"cannot read weights {path} ({type(e).__name__}: {e})")
+
+
 def save_checkpoint(checkpoint, path):
     """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -169,6 +185,74 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: a BPE trained on captions, or CLIP's own
+
+def byte_level_tokenizer(model_):
+    """Lower-cased byte-level BPE with start/end-of-text tokens, truncation and zero padding."""
+    tok = Tokenizer(model_)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    # CLIP's word split, then bytes mapped to printable characters
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"), "removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def finish_tokenizer(tok, start, end, context_length):
+    tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
+                                                       special_tokens=[(t, tok.token_to_id(t)) for t in (start, end)])
+    tok.enable_truncation(context_length)
+    tok.enable_padding(pad_id=0, length=context_length)
+    return tok
+
+
+def train_tokenizer(captions, vocab_size, context_length):
+    """A BPE trained on the captions; <pad> is id 0, as the text tower expects."""
+    tok = byte_level_tokenizer(models.BPE())
+    specials = ["<pad>", "<start_of_text>", "<end_of_text>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    return finish_tokenizer(tok, "<start_of_text>", "<end_of_text>", context_length)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's map from the 256 bytes to printable characters, as ByteLevel uses it."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))])}
+
+
+def clip_tokenizer(path, context_length):
+    """CLIP's own BPE from open_clip's bpe_simple_vocab_16e6.txt.gz, so token ids match pretrained towers."""
+    merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
+    tok = byte_level_tokenizer(bpe)
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    return finish_tokenizer(tok, "<|startoftext|>", "<|endoftext|>", context_length)
+
+
+def load_tokenizer(path, context_length):
+    try:
+        if path.endswith(".gz"):
+            return clip_tokenizer(path, context_length)
+        tok = Tokenizer.from_file(path)
+        tok.enable_truncation(context_length)
+        tok.enable_padding(pad_id=0, length=context_length)
+        return tok
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        die(f"cannot read tokenizer {path} ({e}); give a tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz")
+
+
+def tokenize(tok, texts):
+    return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)  # B x context_length
 
 
 # -----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class CLIPConfig:
     compress: float = 1.0         # target tokens in / tokens out; 1 = plain ViT
     pre_layers: int = 2           # blocks run on every patch before pooling
     tau: float = 0.5              # Gumbel-Sigmoid temperature
+    quick_gelu: bool = False      # OpenAI's CLIP weights were trained with x * sigmoid(1.702 x)
     # text tower
     context_length: int = 77
     vocab_size: int = 49408
@@ -184,17 +185,22 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, width, heads, mlp_dim):
+    def __init__(self, width, heads, mlp_dim, quick_gelu=False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, mlp_dim)),
-            ("gelu", nn.GELU()),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
             ("c_proj", nn.Linear(mlp_dim, width)),
         ]))
 
@@ -204,9 +210,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, mlp_dim):
+    def __init__(self, width, layers, heads, mlp_dim, quick_gelu=False):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_dim) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_dim, quick_gelu) for _ in range(layers)])
         self.grad_checkpointing = False
 
     def run_block(self, i, x, attn_mask=None, is_causal=False):
@@ -272,7 +278,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.positional_embedding = nn.Parameter(torch.zeros(self.num_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.quick_gelu)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(torch.zeros(cfg.width, cfg.embed_dim))
         # compress = 1 is the plain ViT: no predictor parameters at all
@@ -349,7 +355,7 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, 4 * cfg.text_width)
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, 4 * cfg.text_width, cfg.quick_gelu)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.zeros(cfg.text_width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -380,6 +386,37 @@ class CLIP(nn.Module):
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp(), vision
 
+
+
+def load_clip_weights(model: CLIP, state_dict):
+    """Load open_clip / OpenAI CLIP weights (or a train_clip.py checkpoint) into `model` by name.
+
+    Unwraps {"state_dict": ...} / {"model": ...} and DDP's "module." prefix, drops OpenAI's
+    metadata entries, and resizes visual.positional_embedding (bicubic over the patch
+    grid) when the image or patch size differs. Returns (missing, unexpected) key lists:
+    with compress > 1 the boundary predictor is missing and starts fresh.
+    """
+    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()
+                  if torch.is_tensor(v) and k not in ("input_resolution", "context_length", "vocab_size")}
+    own = model.state_dict()
+    pos = state_dict.get("visual.positional_embedding")
+    if pos is not None and pos.shape != own["visual.positional_embedding"].shape and pos.shape[1:] == own["visual.positional_embedding"].shape[1:]:
+        state_dict["visual.positional_embedding"] = resize_positional_embedding(pos, model.visual.num_patches)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"weights of another model size: {'; '.join(mismatched[:3])}")
+    result = model.load_state_dict(state_dict, strict=False)
+    return result.missing_keys, result.unexpected_keys
+
+
+def resize_positional_embedding(pos, num_patches):
+    """(1 + g*g) x D -> (1 + num_patches) x D: the CLS row kept, the grid resized bicubically."""
+    old, new = int(round((pos.shape[0] - 1) ** 0.5)), int(round(num_patches ** 0.5))
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)                    # 1 x D x g x g
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])
 
 def image_tower_macs(cfg: CLIPConfig, segments=None):
     """Analytic multiply-accumulates of one image through the tower (fvcore's "flop").

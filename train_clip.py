@@ -14,7 +14,6 @@ target, step and data time, images/s and peak memory, to the console and to
 out_dir/metrics.jsonl. out_dir/ckpt.pt is written atomically every checkpoint_every
 steps and at the end; --resume continues from it.
 """
-import gzip
 import io
 import json
 import math
@@ -30,13 +29,14 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 import webdataset as wds
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, cosine_lr, die, image_transform, load_image, parse_overrides, peak_memory_gb,
-                    rng_state, save_checkpoint, set_rng_state, setup_distributed, write_shapes_dataset)
-from model import CLIP, CLIPConfig, image_tower_macs, make_config
+from common import (all_reduce_sum, cosine_lr, die, image_transform, load_image, load_tokenizer, load_weights_file,
+                    parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                    tokenize, train_tokenizer, write_shapes_dataset)
+from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
@@ -48,6 +48,8 @@ train_num_samples = 0       # samples per epoch (required with --train_data)
 val_data = ""               # ImageFolder for zero-shot evaluation, e.g. ImageNet val
 classnames = ""             # one class name per line, in the val folders' order
 tokenizer = ""              # tokenizer.json or bpe_simple_vocab_16e6.txt.gz; empty = train a BPE
+init_from = ""              # open_clip / OpenAI CLIP weights or a train_clip.py checkpoint (.pt/.bin/.safetensors)
+quick_gelu = False          # True for OpenAI's CLIP weights
 data_dir = "data"           # where the built-in data is written
 out_dir = ""                # empty = out/clip_<model>_c<compress>
 epochs = 6
@@ -75,73 +77,6 @@ globals().update(config)
 SHAPES_TEMPLATES = ["a {}.", "a photo of a {}.", "an image showing one {}.", "a drawing of a {}."]
 IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                       "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def byte_level_tokenizer(model_):
-    """Lower-cased byte-level BPE with start/end-of-text tokens, truncation and zero padding."""
-    tok = Tokenizer(model_)
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    # CLIP's word split, then bytes mapped to printable characters
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"), "removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def finish_tokenizer(tok, start, end, context_length):
-    tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
-                                                       special_tokens=[(t, tok.token_to_id(t)) for t in (start, end)])
-    tok.enable_truncation(context_length)
-    tok.enable_padding(pad_id=0, length=context_length)
-    return tok
-
-
-def train_tokenizer(captions, vocab_size, context_length):
-    """A BPE trained on the captions; <pad> is id 0, as the text tower expects."""
-    tok = byte_level_tokenizer(models.BPE())
-    specials = ["<pad>", "<start_of_text>", "<end_of_text>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(captions, trainer)
-    return finish_tokenizer(tok, "<start_of_text>", "<end_of_text>", context_length)
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's map from the 256 bytes to printable characters, as ByteLevel uses it."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))])}
-
-
-def clip_tokenizer(path, context_length):
-    """CLIP's own BPE from open_clip's bpe_simple_vocab_16e6.txt.gz, so token ids match pretrained towers."""
-    merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
-    tok = byte_level_tokenizer(bpe)
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    return finish_tokenizer(tok, "<|startoftext|>", "<|endoftext|>", context_length)
-
-
-def load_tokenizer(path, context_length):
-    try:
-        if path.endswith(".gz"):
-            return clip_tokenizer(path, context_length)
-        tok = Tokenizer.from_file(path)
-        tok.enable_truncation(context_length)
-        tok.enable_padding(pad_id=0, length=context_length)
-        return tok
-    except Exception as e:  # the tokenizers library raises plain Exceptions
-        die(f"cannot read tokenizer {path} ({e}); give a tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz")
-
-
-def tokenize(tok, texts):
-    return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)  # B x context_length
 
 
 # ----------------------------------------------------------------------------- data
@@ -268,7 +203,7 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat
 out_dir = out_dir or f"out/clip_{model}_c{compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-overrides = {"compress": compress} | ({"pre_layers": pre_layers} if pre_layers else {})
+overrides = {"compress": compress, "quick_gelu": quick_gelu} | ({"pre_layers": pre_layers} if pre_layers else {})
 try:
     model_config = make_config(model, **overrides)
 except ValueError as e:
@@ -346,6 +281,14 @@ if steps_per_epoch == 0:
     die(f"--train_num_samples {train_num_samples} is less than one batch ({batch_size} x {world_size} ranks)")
 total_steps = epochs * steps_per_epoch
 step = 0
+if init_from and checkpoint is None:
+    try:
+        missing, unexpected = load_clip_weights(raw_model, load_weights_file(init_from))
+    except ValueError as e:
+        die(f"--init_from {init_from}: {e}; choose the matching --model")
+    if master:
+        print(f"initialised from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}; "
+              f"unexpected (ignored): {', '.join(unexpected) or 'none'}")
 if checkpoint is not None:
     raw_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])

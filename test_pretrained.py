@@ -1,0 +1,72 @@
+"""open_clip weights and tokenizer: this project's CLIP must reproduce open_clip's embeddings and token ids.
+open_clip_torch is a test-only dependency; nothing is downloaded (random weights, pretrained=None)."""
+import os
+
+import open_clip
+import pytest
+import torch
+
+from common import clip_tokenizer, tokenize
+from model import CLIP, load_clip_weights, make_config, resize_positional_embedding
+
+
+def clip_text(batch):
+    """Valid CLIP token ids: start, random words, end, zero padding."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.zeros(batch, 77, dtype=torch.long)
+    for i in range(batch):
+        n = 3 + 7 * i
+        text[i, 0], text[i, n + 1] = 49406, 49407
+        text[i, 1:n + 1] = torch.randint(1, 49405, (n,), generator=g)
+    return text
+
+
+@pytest.mark.parametrize("name,quick_gelu", [("ViT-B-32", False), ("ViT-B-32-quickgelu", True)])
+def test_open_clip_weights_give_the_same_embeddings(name, quick_gelu):
+    torch.manual_seed(0)
+    reference = open_clip.create_model(name, pretrained=None).eval()
+    ours = CLIP(make_config("ViT-B-32", quick_gelu=quick_gelu)).eval()
+    missing, unexpected = load_clip_weights(ours, reference.state_dict())
+    assert missing == [] and unexpected == []
+    images, text = torch.randn(2, 3, 224, 224), clip_text(3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images).embedding, reference.encode_image(images), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.encode_text(text), reference.encode_text(text), atol=1e-4, rtol=1e-4)
+
+
+def test_drip_loads_pretrained_blocks_and_starts_only_the_predictor_fresh():
+    reference = open_clip.create_model("ViT-B-32", pretrained=None)
+    state = {"module." + k: v for k, v in reference.state_dict().items()}  # as saved from DDP
+    ours = CLIP(make_config("ViT-B-32", compress=4))
+    missing, unexpected = load_clip_weights(ours, {"state_dict": state})
+    assert missing and all(k.startswith("visual.boundary_predictor.") for k in missing) and unexpected == []
+    torch.testing.assert_close(ours.visual.transformer.resblocks[5].mlp.c_fc.weight,
+                               reference.visual.transformer.resblocks[5].mlp.c_fc.weight)
+
+
+def test_positional_embedding_is_resized_for_another_grid():
+    reference = open_clip.create_model("ViT-B-32", pretrained=None)
+    ours = CLIP(make_config("ViT-B-32", image_size=288))  # 9 x 9 patches instead of 7 x 7
+    load_clip_weights(ours, reference.state_dict())
+    pos, old = ours.visual.positional_embedding, reference.visual.positional_embedding
+    assert pos.shape == (82, 768)
+    torch.testing.assert_close(pos[0], old[0])  # CLS row kept
+    # a grid that is constant along rows stays constant along rows after resizing
+    ramp = torch.cat([torch.zeros(1, 4), torch.arange(7.).repeat_interleave(7)[:, None].expand(49, 4)])
+    resized = resize_positional_embedding(ramp, 81)[1:].reshape(9, 9, 4)
+    assert torch.allclose(resized, resized[:, :1]) and (resized[1:, 0] >= resized[:-1, 0] - 1e-5).all()
+
+
+def test_weights_of_another_size_are_refused():
+    reference = open_clip.create_model("ViT-B-32", pretrained=None)
+    with pytest.raises(ValueError, match="another model size"):
+        load_clip_weights(CLIP(make_config("tiny")), reference.state_dict())
+
+
+def test_clip_bpe_matches_open_clip_token_ids():
+    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    ours = clip_tokenizer(path, 77)
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    texts = ["a photo of a cat.", "A DIAGRAM of   two dogs!", "it's 2024; naïve café", "x" * 300]
+    assert tokenize(ours, texts[:1])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
+    assert torch.equal(tokenize(ours, texts), reference(texts))
