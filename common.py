@@ -1,7 +1,8 @@
-"""Small helpers every training script needs: command-line overrides, DDP set-up, the LR
-schedule, atomic checkpoints, peak memory, and the built-in shapes dataset.
+"""Small helpers the scripts share: command-line overrides, DDP set-up, the LR schedule,
+peak memory, CLIP image preprocessing, checkpoint and weight loading (atomic saves),
+tokenizers (a BPE trained on captions, or CLIP's own), and the built-in shapes dataset.
 
-The training scripts import this module and model.py, nothing else of the project.
+The scripts import this module and model.py, nothing else of the project.
 """
 import gzip
 import io
@@ -190,9 +191,9 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 # Tokenizers: a BPE trained on captions, or CLIP's own
 
-def byte_level_tokenizer(model_):
-    """Lower-cased byte-level BPE with start/end-of-text tokens, truncation and zero padding."""
-    tok = Tokenizer(model_)
+def byte_level_tokenizer(bpe):
+    """CLIP's text normalisation and word split around a byte-level BPE model."""
+    tok = Tokenizer(bpe)
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])
     # CLIP's word split, then bytes mapped to printable characters
@@ -204,6 +205,7 @@ def byte_level_tokenizer(model_):
 
 
 def finish_tokenizer(tok, start, end, context_length):
+    """Start/end-of-text tokens around every text, truncation to the context, zero padding."""
     tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
                                                        special_tokens=[(t, tok.token_to_id(t)) for t in (start, end)])
     tok.enable_truncation(context_length)
