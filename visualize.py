@@ -114,7 +114,8 @@ def render_file(path, models, out_dir, sample, seed):
 def image_files(folder):
     found = []
     for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
+        found += [os.path.join(root, f) for f in files
+                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")) and not f.endswith("_drip.png")]
     return sorted(found)
 
 
