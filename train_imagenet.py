@@ -1,0 +1,351 @@
+"""Image classification with a DRIP (or plain) ViT: from scratch, linear probe, or fine-tuning.
+
+    python train_imagenet.py                                            # built-in shapes, from scratch
+    python train_imagenet.py --init out/clip_tiny_c1/ckpt.pt --freeze   # linear probe of a CLIP image tower
+    python train_imagenet.py --init out/clip_tiny_c4/ckpt.pt --lr_find  # learning-rate range test
+    torchrun --nproc_per_node=8 train_imagenet.py --data_dir imagenet --init clip.pt --model ViT-B-16 --batch_size 256
+
+--data_dir holds train/ and val/ in ImageFolder layout (ImageNet's). Without it, the
+built-in shapes data (36 colour x shape classes: training shards with .cls labels and a
+held-out ImageFolder) is used. --init loads the image tower of a train_clip.py
+checkpoint or of open_clip weights; --freeze trains only the linear head (the boundary
+predictor stays frozen too), otherwise the backbone trains at lr * backbone_lr_scale.
+Options are the defaults below, overridden as --key=value or --key value.
+"""
+import io
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import webdataset as wds
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
+
+from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, cosine_lr, die, image_transform, load_image,
+                    load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint, setup_distributed,
+                    write_shapes_dataset)
+from model import CLIP, CLIPConfig, load_clip_weights, make_config
+
+# -----------------------------------------------------------------------------
+# defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
+model = "tiny"              # tiny | ViT-B-32 | ViT-B-16; a train_clip.py checkpoint given to --init sets it
+compress = 1.0
+data_dir = ""               # folder with train/ and val/ (ImageFolder); empty = built-in shapes
+shapes_dir = "data"         # where the built-in data lives (shared with train_clip.py)
+init = ""                   # train_clip.py checkpoint or open_clip weights for the image tower
+freeze = False              # linear probe: train only the head
+backbone_lr_scale = 0.1     # fine-tuning: backbone lr = lr * backbone_lr_scale
+out_dir = "out/imagenet"
+epochs = 3
+batch_size = 128            # per rank
+lr = 1e-3
+warmup_steps = 20
+weight_decay = 0.05
+label_smoothing = 0.0
+mixup = 0.0                 # Beta(mixup, mixup) mixing of image pairs; 0 = off
+boundary_loss_weight = 1.0
+workers = 1
+seed = 0
+dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
+log_every = 20
+checkpoint_every = 200
+resume = False
+max_steps = 0               # stop after this many steps (0 = all epochs)
+lr_find = False             # learning-rate range test instead of training
+lr_find_steps = 100
+config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
+                          isinstance(v, (int, float, str, bool))})
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """The image tower and a linear head on its image embedding (CLS after ln_post and proj)."""
+
+    def __init__(self, visual, num_classes):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(visual.cfg.embed_dim, num_classes)
+
+    def forward(self, images):
+        vision = self.visual(images)
+        return self.head(vision.embedding), vision
+
+
+def train_transform(image_size):
+    return T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def shard_batches(samples, transform):
+    """Raw webdataset samples -> (images, labels) batches, skipping samples that cannot be decoded."""
+    images, labels = [], []
+    for sample in samples:
+        try:
+            data = next(sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in sample)
+            images.append(transform(load_image(io.BytesIO(data))))
+            labels.append(int(sample["cls"]))
+        except Exception:
+            continue
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+
+
+def same_seed_on_every_rank():
+    return 0
+
+
+def make_train_batches(source, image_size, steps, epoch):
+    """Exactly `steps` training batches on this rank for `epoch`."""
+    if isinstance(source, ImageFolder):
+        sampler = DistributedSampler(source, seed=seed, drop_last=True) if dist.is_initialized() else None
+        if sampler:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(source, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                            num_workers=workers, generator=torch.Generator().manual_seed(seed + epoch))
+        return (batch for i, batch in zip(range(steps), loader))
+    # shards: one resampled stream, split over ranks and workers, cut at the same step everywhere
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(source, seed=seed + epoch, worker_seed=same_seed_on_every_rank, deterministic=True),
+        wds.split_by_node, wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(1000, seed=seed + epoch + int(os.environ.get("RANK", 0))),
+        # the built-in shapes are random in size and place already; a random crop would cut the object out
+        lambda samples: shard_batches(samples, image_transform(image_size)))
+    return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers).with_epoch(steps))
+
+
+@torch.no_grad()
+def evaluate(classifier, dataset, device, autocast):
+    """Top-1/top-5 and boundary rate; each rank evaluates every world_size-th image, then the sums are reduced."""
+    classifier.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, num_workers=workers)
+    top1 = top5 = count = rate = 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast:
+            logits, vision = classifier(images)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == labels).sum().item()
+        top5 += (top == labels[:, None]).any(1).sum().item()
+        count += len(labels)
+        rate += vision.boundary_rate.item() * len(labels)
+    top1, top5, count, rate = all_reduce_sum([top1, top5, count, rate], device)
+    classifier.train()
+    if freeze:
+        classifier.visual.eval()
+    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "eval_boundary_rate": rate / count,
+            "eval_images": int(count)}
+
+
+def plot_lr_find(lrs, losses, suggestion, path):
+    """Smoothed loss against log learning rate, the suggestion marked, drawn with Pillow."""
+    width, height, pad = 520, 320, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x = lambda v: pad + (math.log10(v) - math.log10(lrs[0])) / (math.log10(lrs[-1]) - math.log10(lrs[0])) * (width - 2 * pad)
+    lo, hi = min(losses), max(losses)
+    y = lambda v: height - pad - (v - lo) / max(hi - lo, 1e-12) * (height - 2 * pad)
+    draw.line([(x(a), y(b)) for a, b in zip(lrs, losses)], fill=(40, 90, 200), width=2)
+    draw.line([(x(suggestion), pad), (x(suggestion), height - pad)], fill=(220, 40, 40))
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.text((pad, 12), f"LR range test: smoothed loss vs lr (log); suggested {suggestion:.2e}", fill="black")
+    draw.text((pad, height - pad + 6), f"{lrs[0]:.0e}", fill="black")
+    draw.text((width - pad - 30, height - pad + 6), f"{lrs[-1]:.0e}", fill="black")
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+if compress < 1:
+    die(f"--compress must be >= 1 (1 = plain ViT), got {compress}")
+rank, world_size, device = setup_distributed()
+master = rank == 0
+random.seed(seed + rank)
+torch.manual_seed(seed + rank)
+if dtype == "auto":
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+# the model configuration: from a train_clip.py checkpoint, else from --model/--compress
+weights = load_weights_file(init) if init else None
+try:
+    model_config = (CLIPConfig(**weights["model_config"]) if weights is not None and "model_config" in weights
+                    else make_config(model, compress=compress))
+except ValueError as e:
+    die(str(e))
+
+if data_dir:
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            die(f"{data_dir} has no {split}/ folder; --data_dir needs train/ and val/ in ImageFolder layout")
+    train_source = ImageFolder(os.path.join(data_dir, "train"), transform=train_transform(model_config.image_size),
+                               loader=load_image)
+    val_set = ImageFolder(os.path.join(data_dir, "val"), transform=image_transform(model_config.image_size),
+                          loader=load_image)
+    if train_source.classes != val_set.classes:
+        die(f"train/ and val/ of {data_dir} hold different class folders")
+    train_samples = len(train_source)
+else:
+    root = os.path.join(shapes_dir, "shapes")
+    if master:
+        write_shapes_dataset(root, size=model_config.image_size)
+    if dist.is_initialized():
+        dist.barrier()
+    info = json.load(open(os.path.join(root, "info.json")))
+    if info["size"] != model_config.image_size:
+        die(f"{root} holds {info['size']} px images, the model wants {model_config.image_size}; use another --shapes_dir")
+    train_source = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
+    val_set = ImageFolder(os.path.join(root, "val"), transform=image_transform(model_config.image_size), loader=load_image)
+    train_samples = info["train_samples"]
+num_classes = len(val_set.classes)
+
+clip = CLIP(model_config)
+if weights is not None:
+    try:
+        missing, unexpected = load_clip_weights(clip, weights)
+    except ValueError as e:
+        die(f"--init {init}: {e}; choose the matching --model")
+    missing = [k for k in missing if k.startswith("visual.")]
+    if master:
+        print(f"image tower from {init}; missing (start fresh): {', '.join(missing) or 'none'}")
+classifier = Classifier(clip.visual, num_classes).to(device)
+del clip
+if freeze:  # before DDP wraps the model, so DDP never waits for a gradient that cannot come
+    classifier.visual.requires_grad_(False)
+    classifier.visual.eval()
+head_params = list(classifier.head.parameters())
+backbone_params = [p for p in classifier.visual.parameters() if p.requires_grad]
+groups = [{"params": [p for p in head_params if p.ndim >= 2], "weight_decay": weight_decay, "scale": 1.0},
+          {"params": [p for p in head_params if p.ndim < 2], "weight_decay": 0.0, "scale": 1.0},
+          {"params": [p for p in backbone_params if p.ndim >= 2], "weight_decay": weight_decay, "scale": backbone_lr_scale},
+          {"params": [p for p in backbone_params if p.ndim < 2], "weight_decay": 0.0, "scale": backbone_lr_scale}]
+optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.type == "cuda")
+steps_per_epoch = train_samples // (batch_size * world_size)
+if steps_per_epoch == 0:
+    die(f"{train_samples} training images are less than one batch ({batch_size} x {world_size} ranks)")
+total_steps = epochs * steps_per_epoch
+step = 0
+if resume:
+    if not os.path.exists(ckpt_path):
+        die(f"--resume: no checkpoint at {ckpt_path}")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if CLIPConfig(**checkpoint["model_config"]) != model_config:
+        die(f"{ckpt_path} is a checkpoint of another model configuration; use the same --init/--model/--compress")
+    if checkpoint["num_classes"] != num_classes:
+        die(f"{ckpt_path} was trained on {checkpoint['num_classes']} classes, this data has {num_classes}")
+    classifier.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    step = checkpoint["step"]
+    if master:
+        print(f"resumed from {ckpt_path} at step {step}")
+model_ddp = DDP(classifier, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else classifier
+
+
+def train_step(images, labels, step_lr):
+    """One optimizer step; returns the loss, the classification part and the VisionOutput."""
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr * group["scale"]
+    images, labels = images.to(device), labels.to(device)
+    mix = np.random.beta(mixup, mixup) if mixup > 0 else 1.0
+    order = torch.randperm(len(images), device=device)
+    with autocast:
+        logits, vision = model_ddp(mix * images + (1 - mix) * images[order] if mixup > 0 else images)
+        logits = logits.float()
+        task = (mix * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                + (1 - mix) * F.cross_entropy(logits, labels[order], label_smoothing=label_smoothing))
+        loss = task + (0 if freeze else boundary_loss_weight * vision.aux_loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, task, vision
+
+
+def write_checkpoint():
+    if master:
+        save_checkpoint({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "model_config": asdict(model_config), "num_classes": num_classes, "run_config": config},
+                        ckpt_path)
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# ----------------------------------------------------------------------------- LR range test
+
+if lr_find:
+    lrs, losses, smoothed, best = [], [], 0.0, float("inf")
+    for i, (images, labels) in enumerate(make_train_batches(train_source, model_config.image_size, lr_find_steps, 0)):
+        step_lr = 1e-7 * (10 / 1e-7) ** (i / max(1, lr_find_steps - 1))  # 1e-7 -> 10, exponentially
+        loss = all_reduce_sum([train_step(images, labels, step_lr)[0].item()], device)[0] / world_size
+        smoothed = 0.98 * smoothed + 0.02 * loss
+        lrs.append(step_lr)
+        losses.append(smoothed / (1 - 0.98 ** (i + 1)))  # bias-corrected moving average
+        best = min(best, losses[-1])
+        if losses[-1] > 4 * best and i > 10:
+            break
+    slopes = np.gradient(np.array(losses), np.log10(lrs))
+    suggestion = lrs[int(np.argmin(slopes[: int(np.argmin(losses)) + 1]))]  # steepest descent before the minimum
+    if master:
+        plot_lr_find(lrs, losses, suggestion, os.path.join(out_dir, "lr_find.png"))
+        print(f"suggested lr {suggestion:.2e} (steepest descent of the smoothed loss); plot: {out_dir}/lr_find.png")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(0)
+
+# ----------------------------------------------------------------------------- training loop
+
+if master:
+    print(f"{model_config.image_size}px compress {model_config.compress:g}, {num_classes} classes, "
+          f"{'linear probe' if freeze else 'full training'}, {world_size} rank(s), {steps_per_epoch} steps/epoch x {epochs}")
+summary = {}
+while step < total_steps and (not max_steps or step < max_steps):
+    epoch = step // steps_per_epoch
+    steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
+    sums = dict(task=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
+    t_data = time.perf_counter()
+    for images, labels in make_train_batches(train_source, model_config.image_size, steps_left, epoch * 10_007 + step):
+        t_start = time.perf_counter()
+        loss, task, vision = train_step(images, labels, cosine_lr(step, total_steps, warmup_steps, lr))
+        step += 1
+        t_end = time.perf_counter()
+        sums["steps"] += 1
+        sums["data_time"] += t_start - t_data
+        sums["step_time"] += t_end - t_data
+        sums["task"] += task.detach()
+        sums["rate"] += vision.boundary_rate
+        if step % log_every == 0 and master:
+            print(f"step {step}/{total_steps} loss {loss.item():.4f} rate {vision.boundary_rate.item():.3f}/"
+                  f"{1 / model_config.compress:.3f} step {1000 * (t_end - t_data):.0f}ms", flush=True)
+        if step % checkpoint_every == 0:
+            write_checkpoint()
+        t_data = time.perf_counter()
+    n = max(1, sums["steps"])
+    parts = all_reduce_sum([float(sums["task"]), float(sums["rate"])], device)
+    summary = {"epoch": step / steps_per_epoch, "step": step, **evaluate(classifier, val_set, device, autocast),
+               "train_loss": parts[0] / (n * world_size), "train_boundary_rate": parts[1] / (n * world_size),
+               "target_rate": 1 / model_config.compress, "step_time_s": sums["step_time"] / n,
+               "data_time_s": sums["data_time"] / n, "images_per_s": batch_size * world_size * n / sums["step_time"],
+               "peak_memory_gb": peak_memory_gb(device)}
+    if master:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(summary) + "\n")
+write_checkpoint()
+if dist.is_initialized():
+    dist.destroy_process_group()
