@@ -45,7 +45,7 @@ def metrics(out):
 def test_two_rank_probe_and_finetune_of_a_drip_tower(setup, tmp_path, freeze):
     out = str(tmp_path)
     args = ["--shapes_dir", setup, "--init", os.path.join(setup, "clip.pt"), "--out_dir", out, "--max_steps", "3"]
-    run(args + (["--freeze"] if freeze else []) + FAST, nproc=2)
+    run(args + (["--freeze"] if freeze else ["--mixup", "0.2", "--label_smoothing", "0.1"]) + FAST, nproc=2)
     record = metrics(out)[-1]
     assert record["step"] == 3 and record["eval_images"] == 72 and record["target_rate"] == 0.25
     assert 0 < record["eval_boundary_rate"] < 0.6
@@ -83,3 +83,15 @@ def test_missing_train_folder_is_one_clear_error(tmp_path):
     result = run(["--data_dir", str(tmp_path)], check=False, timeout=60)
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: {tmp_path} has no train/ folder; --data_dir needs train/ and val/ in ImageFolder layout"
+
+
+def test_webdataset_shards_and_class_count_check_on_resume(setup, tmp_path):
+    shards = os.path.join(setup, "shapes", "train-{00000..00001}.tar")
+    val = os.path.join(setup, "shapes", "train-00001.tar")
+    out = str(tmp_path)
+    args = ["--train_data", shards, "--val_data", val, "--train_num_samples", "320", "--num_classes", "36",
+            "--out_dir", out, "--max_steps", "2"] + FAST
+    run(args, nproc=2)
+    assert metrics(out)[-1]["eval_images"] == 160  # one validation shard, read by one of the two ranks, summed
+    refused = run(args + ["--num_classes", "10", "--resume"], check=False)
+    assert refused.returncode != 0 and "trained on 36 classes, this data has 10" in refused.stderr

@@ -5,7 +5,8 @@
     python train_imagenet.py --init out/clip_tiny_c4/ckpt.pt --lr_find  # learning-rate range test
     torchrun --nproc_per_node=8 train_imagenet.py --data_dir imagenet --init clip.pt --model ViT-B-16 --batch_size 256
 
---data_dir holds train/ and val/ in ImageFolder layout (ImageNet's). Without it, the
+--data_dir holds train/ and val/ in ImageFolder layout (ImageNet's); --train_data and
+--val_data take webdataset shards with .cls labels instead. Without either, the
 built-in shapes data (36 colour x shape classes: training shards with .cls labels and a
 held-out ImageFolder) is used. --init loads the image tower of a train_clip.py
 checkpoint or of open_clip weights; --freeze trains only the linear head (the boundary
@@ -43,6 +44,10 @@ from model import CLIP, CLIPConfig, load_clip_weights, make_config
 model = "tiny"              # tiny | ViT-B-32 | ViT-B-16; a train_clip.py checkpoint given to --init sets it
 compress = 1.0
 data_dir = ""               # folder with train/ and val/ (ImageFolder); empty = built-in shapes
+train_data = ""             # or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'
+val_data = ""               # ... and validation shards
+train_num_samples = 0       # samples per epoch, with --train_data
+num_classes = 0             # with --train_data
 shapes_dir = "data"         # where the built-in data lives (shared with train_clip.py)
 init = ""                   # train_clip.py checkpoint or open_clip weights for the image tower
 freeze = False              # linear probe: train only the head
@@ -89,7 +94,7 @@ def train_transform(image_size):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def shard_batches(samples, transform):
+def shard_batches(samples, transform, keep_last=False):
     """Raw webdataset samples -> (images, labels) batches, skipping samples that cannot be decoded."""
     images, labels = [], []
     for sample in samples:
@@ -102,6 +107,8 @@ def shard_batches(samples, transform):
         if len(images) == batch_size:
             yield torch.stack(images), torch.tensor(labels)
             images, labels = [], []
+    if keep_last and images:
+        yield torch.stack(images), torch.tensor(labels)
 
 
 def same_seed_on_every_rank():
@@ -130,10 +137,16 @@ def make_train_batches(source, image_size, steps, epoch):
 
 @torch.no_grad()
 def evaluate(classifier, dataset, device, autocast):
-    """Top-1/top-5 and boundary rate; each rank evaluates every world_size-th image, then the sums are reduced."""
+    """Top-1/top-5 and boundary rate; each rank evaluates its share (every world_size-th image, or its
+    shards), then the sums are reduced."""
     classifier.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, num_workers=workers)
+    if isinstance(dataset, ImageFolder):
+        loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, num_workers=workers)
+    else:
+        loader = wds.DataPipeline(wds.SimpleShardList(dataset), wds.split_by_node,
+                                  wds.tarfile_to_samples(handler=wds.warn_and_continue),
+                                  lambda s: shard_batches(s, image_transform(classifier.visual.cfg.image_size), keep_last=True))
     top1 = top5 = count = rate = 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -190,7 +203,15 @@ try:
 except ValueError as e:
     die(str(e))
 
-if data_dir:
+if train_data:
+    train_source, val_set = wds.shardlists.expand_urls(train_data), wds.shardlists.expand_urls(val_data)
+    missing = [u for u in train_source + val_set if "://" not in u and not os.path.isfile(u)]
+    if not val_data or missing:
+        die(f"shards missing: {missing[0] if missing else '--val_data'}; --train_data needs --val_data shards too")
+    if train_num_samples <= 0 or num_classes <= 0:
+        die("--train_data needs --train_num_samples (per epoch) and --num_classes")
+    train_samples = train_num_samples
+elif data_dir:
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(data_dir, split)):
             die(f"{data_dir} has no {split}/ folder; --data_dir needs train/ and val/ in ImageFolder layout")
@@ -213,7 +234,7 @@ else:
     train_source = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
     val_set = ImageFolder(os.path.join(root, "val"), transform=image_transform(model_config.image_size), loader=load_image)
     train_samples = info["train_samples"]
-num_classes = len(val_set.classes)
+num_classes = num_classes if train_data else len(val_set.classes)
 
 clip = CLIP(model_config)
 if weights is not None:
