@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
 from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, cosine_lr, die, image_transform, load_image,
-                    load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint, setup_distributed,
-                    write_shapes_dataset)
+                    load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state,
+                    setup_distributed, write_shapes_dataset)
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def make_train_batches(source, image_size, steps, epoch):
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(1000, seed=seed + epoch + int(os.environ.get("RANK", 0))),
         # the built-in shapes are random in size and place already; a random crop would cut the object out
-        lambda samples: shard_batches(samples, image_transform(image_size)))
+        lambda samples: shard_batches(samples, train_transform(image_size) if train_data else image_transform(image_size)))
     return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers).with_epoch(steps))
 
 
@@ -273,6 +273,8 @@ if resume:
     classifier.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     step = checkpoint["step"]
+    if len(checkpoint["rng"]) == world_size:
+        set_rng_state(checkpoint["rng"][rank])
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 model_ddp = DDP(classifier, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else classifier
@@ -298,10 +300,14 @@ def train_step(images, labels, step_lr):
 
 
 def write_checkpoint():
+    states = [rng_state()]  # every rank's RNG, so that a resumed run draws as the killed one would have
+    if dist.is_initialized():
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
     if master:
         save_checkpoint({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "model_config": asdict(model_config), "num_classes": num_classes, "run_config": config},
-                        ckpt_path)
+                         "model_config": asdict(model_config), "num_classes": num_classes, "run_config": config,
+                         "rng": states}, ckpt_path)
 
 
 if master:
