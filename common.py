@@ -383,3 +383,21 @@ def write_shapes_dataset(root, train_samples=12000, val_per_class=25, shard_size
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump({"train_samples": train_samples, "val_per_class": val_per_class, "size": size, "seed": seed}, f)
     os.replace(tmp, root)
+
+
+def builtin_shapes(data_dir, image_size):
+    """The shapes data under data_dir/shapes, written by rank 0 if it is not there yet.
+
+    Returns (training shard paths, held-out ImageFolder dir, classnames file, training samples).
+    """
+    root = os.path.join(data_dir, "shapes")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_shapes_dataset(root, size=image_size)
+    if dist.is_initialized():
+        dist.barrier()
+    with open(os.path.join(root, "info.json")) as f:
+        info = json.load(f)
+    if info["size"] != image_size:
+        die(f"{root} holds {info['size']} px images, the model wants {image_size}; delete it or use another data folder")
+    shards = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
+    return shards, os.path.join(root, "val"), os.path.join(root, "classnames.txt"), info["train_samples"]

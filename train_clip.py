@@ -33,9 +33,9 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, cosine_lr, die, image_transform, load_image, load_tokenizer, load_weights_file,
-                    parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                    tokenize, train_tokenizer, write_shapes_dataset)
+from common import (all_reduce_sum, builtin_shapes, cosine_lr, die, image_transform, load_image, load_tokenizer,
+                    load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state,
+                    setup_distributed, tokenize, train_tokenizer)
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
@@ -228,17 +228,9 @@ if train_data:
         die("--val_data DIR and --classnames FILE are required with --train_data for zero-shot evaluation")
     templates = IMAGENET_TEMPLATES
 else:
-    shapes_dir = os.path.join(data_dir, "shapes")
-    if master:
-        write_shapes_dataset(shapes_dir, size=model_config.image_size)
-    if dist.is_initialized():
-        dist.barrier()
-    info = json.load(open(os.path.join(shapes_dir, "info.json")))
-    if info["size"] != model_config.image_size:
-        die(f"{shapes_dir} holds {info['size']} px images, the model wants {model_config.image_size}; use another --data_dir")
-    urls = sorted(os.path.join(shapes_dir, f) for f in os.listdir(shapes_dir) if f.endswith(".tar"))
-    train_num_samples = train_num_samples or info["train_samples"]
-    val_data, classnames = val_data or os.path.join(shapes_dir, "val"), classnames or os.path.join(shapes_dir, "classnames.txt")
+    urls, shapes_val, shapes_classnames, shapes_samples = builtin_shapes(data_dir, model_config.image_size)
+    train_num_samples = train_num_samples or shapes_samples
+    val_data, classnames = val_data or shapes_val, classnames or shapes_classnames
     templates = SHAPES_TEMPLATES
 
 if not os.path.isdir(val_data):
@@ -260,7 +252,7 @@ else:
             captions = (s["txt"].decode("utf-8", "replace") for s in
                         wds.DataPipeline(wds.SimpleShardList(urls[:8]), wds.tarfile_to_samples(handler=wds.warn_and_continue)))
         else:
-            captions = open(os.path.join(shapes_dir, "captions.txt")).read().splitlines()
+            captions = open(os.path.join(data_dir, "shapes", "captions.txt")).read().splitlines()
         os.makedirs(out_dir, exist_ok=True)
         train_tokenizer(captions, model_config.vocab_size, model_config.context_length).save(tok_path)
     if dist.is_initialized():

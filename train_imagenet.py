@@ -34,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, cosine_lr, die, image_transform, load_image,
-                    load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state,
-                    setup_distributed, write_shapes_dataset)
+from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, builtin_shapes, cosine_lr, die, image_transform,
+                    load_image, load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint,
+                    set_rng_state, setup_distributed)
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
@@ -223,17 +223,8 @@ elif data_dir:
         die(f"train/ and val/ of {data_dir} hold different class folders")
     train_samples = len(train_source)
 else:
-    root = os.path.join(shapes_dir, "shapes")
-    if master:
-        write_shapes_dataset(root, size=model_config.image_size)
-    if dist.is_initialized():
-        dist.barrier()
-    info = json.load(open(os.path.join(root, "info.json")))
-    if info["size"] != model_config.image_size:
-        die(f"{root} holds {info['size']} px images, the model wants {model_config.image_size}; use another --shapes_dir")
-    train_source = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
-    val_set = ImageFolder(os.path.join(root, "val"), transform=image_transform(model_config.image_size), loader=load_image)
-    train_samples = info["train_samples"]
+    train_source, val_dir, _, train_samples = builtin_shapes(shapes_dir, model_config.image_size)
+    val_set = ImageFolder(val_dir, transform=image_transform(model_config.image_size), loader=load_image)
 num_classes = num_classes if train_data else len(val_set.classes)
 
 clip = CLIP(model_config)
