@@ -437,3 +437,344 @@ def image_tower_macs(cfg: CLIPConfig, segments=None):
     if cfg.compress > 1:
         macs += N * (D * D + D) + N * S * D  # boundary predictor MLP, pooling einsum
     return macs
+
+
+# -----------------------------------------------------------------------------
+# A Llama-style decoder for LLaVA (parameter names as in Hugging Face's Llama, minus "model.")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Field names are those of a Hugging Face Llama config.json, so one maps onto the other."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # fewer than the query heads: grouped-query attention
+    head_dim: int = 0              # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.1+'s {"rope_type": "llama3", "factor", ...}
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def dim_per_head(self):
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+LLAMA_CONFIGS = {
+    "vicuna-7b": LlamaConfig(),  # LLaVA-1.5's language model (Llama 2 7B)
+    "TinyLlama-1.1B": LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    "SmolLM2-135M": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    # trained from scratch on the built-in data in a minute on a 2-core CPU
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=True),
+}
+
+
+def llama_config_from_hf(hf):
+    """A Hugging Face config.json dict -> LlamaConfig; refuses what this decoder does not implement."""
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"model_type is {hf.get('model_type')!r}; only Llama-family checkpoints (model_type llama) load here")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("this checkpoint uses biases or an activation other than SiLU, which this Llama does not have")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 spelling
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope type {kind!r} is not implemented (default and llama3 are)")
+    fields = {f: hf[f] for f in LlamaConfig.__dataclass_fields__ if f in hf and f not in ("rope_theta", "rope_scaling")}
+    if fields.get("head_dim") is None:
+        fields.pop("head_dim", None)
+    for key in ("bos_token_id", "eos_token_id"):  # some configs list several end tokens
+        if isinstance(fields.get(key), list):
+            fields[key] = fields[key][0]
+    return LlamaConfig(**fields, rope_theta=float(theta), rope_scaling=rope if kind == "llama3" else None)
+
+
+def rope_cos_sin(cfg: LlamaConfig, length, device):
+    """Rotary position tables, L x head_dim each (Hugging Face's half-split layout), in float32."""
+    d = cfg.dim_per_head
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)  # d/2
+    if cfg.rope_scaling:  # llama3: slow down the low frequencies, keep the high ones, blend in between
+        s = cfg.rope_scaling
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # L x d/2
+    angles = torch.cat([angles, angles], 1)                                     # L x d
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: B x H x L x d; rotates each (i, i + d/2) pair of features by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Causal grouped-query attention with rotary positions."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.heads, self.kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)      # B x H x L x d
+        k = self.k_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)   # B x KV x L x d
+        v = self.v_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        repeat = self.heads // self.kv_heads                                # key/value head j serves query heads j*repeat..
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # B x H x L x d
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only language model. Sequences are right-padded: with causal attention a
+    real token never sees the padding after it, so no padding mask is needed."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
+        self.apply(init_weights)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        """B x L token ids (or B x L x hidden embeddings) -> B x L x vocab logits."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = rope_cos_sin(self.cfg, x.shape[1], x.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer in self.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)
+        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+
+def load_llama_state_dict(llm: Llama, state_dict):
+    """Hugging Face Llama weights ("model.layers.0.self_attn.q_proj.weight", ...) -> `llm`, strictly."""
+    state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if "rotary_emb" not in k}
+    if llm.cfg.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    result = llm.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+# -----------------------------------------------------------------------------
+# LoRA: low-rank updates to a frozen LLM's linear layers
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A dropout(x), with W frozen. B starts at zero, so training
+    starts from exactly the base model; `merged()` folds B A into W for saving."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def merged(self):
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False)
+        linear.weight.data = self.base.weight.data + self.scaling * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return linear
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(llm: Llama, r, alpha, dropout=0.0):
+    """Wrap every attention and MLP projection in LoRA and freeze everything else of the LLM."""
+    llm.requires_grad_(False)
+    for block in llm.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in parent.named_children():
+                if name in LORA_TARGETS:
+                    setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    return llm
+
+
+def merge_lora(llm: Llama):
+    """Fold every LoRA update into its weight: back to a plain Llama with Hugging Face names."""
+    for block in llm.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.merged())
+    return llm
+
+
+# -----------------------------------------------------------------------------
+# LLaVA: image tower -> projector -> language model
+
+IMAGE_TOKEN = -200  # placeholder id where an image's tokens go (LLaVA's IMAGE_TOKEN_INDEX)
+IGNORE = -100       # label of positions without loss (F.cross_entropy's ignore_index)
+
+
+class LLaVAOutput(NamedTuple):
+    logits: torch.Tensor        # B x L x vocab
+    labels: torch.Tensor        # B x L, IGNORE on prompts, image tokens and padding
+    lengths: torch.Tensor       # B: tokens each sample gave the LLM, image tokens included
+    image_tokens: torch.Tensor  # B: image tokens each sample gave the LLM (0 without an image)
+    truncated: int              # samples cut at the context length
+
+
+class LLaVA(nn.Module):
+    """A frozen (DRIP) image tower, a projector and a decoder LLM, as in LLaVA-1.5.
+
+    Each image placeholder in the token ids is replaced by that image's *valid* segment
+    tokens only (from `feature_layer`, CLS dropped), so with compress 4 the LLM reads
+    about a quarter of the image tokens, and samples in a batch carry different counts.
+    """
+
+    def __init__(self, visual: VisionTransformer, llm: Llama, projector="mlp2x_gelu", feature_layer=-2):
+        super().__init__()
+        if projector not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector must be linear or mlp2x_gelu, got {projector!r}")
+        D, H = visual.cfg.width, llm.cfg.hidden_size
+        self.visual, self.llm, self.feature_layer = visual, llm, feature_layer
+        self.projector = (nn.Linear(D, H) if projector == "linear"
+                          else nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, H)))
+
+    def train(self, mode=True):  # the image tower stays frozen, in eval mode
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def image_tokens(self, images):
+        """B x 3 x H x W -> B tensors S_b x hidden: each image's valid tokens, projected. The tower is frozen."""
+        with torch.no_grad():
+            features = self.visual.forward_features(images, layer=self.feature_layer, sample=False)
+        counts = features.valid.sum(1).tolist()
+        projected = self.projector(features.tokens[features.valid])  # (sum_b S_b) x hidden: padding never projected
+        return list(projected.split(counts))
+
+    def build_inputs(self, input_ids, labels, images, has_image, max_length):
+        """Splice image tokens into the embedded text and right-pad the batch.
+
+        input_ids, labels: B lists of 1-D LongTensors (IMAGE_TOKEN marks the image, once per
+        sample at most); images: the images of the samples with has_image True, in order.
+        Returns embeddings B x L x hidden, labels B x L (IGNORE on image tokens and
+        padding), lengths B, image token counts B, and how many samples were cut at
+        max_length (cut together with their labels, so the mask stays aligned).
+        """
+        embed = self.llm.embed_tokens
+        per_image = iter(self.image_tokens(images)) if any(has_image) else iter(())
+        rows, targets, counts, truncated = [], [], [], 0
+        for ids, lab, with_image in zip(input_ids, labels, has_image):
+            if with_image:
+                tokens = next(per_image)                                           # S_b x hidden
+                at = int((ids == IMAGE_TOKEN).nonzero()[0])
+                row = torch.cat([embed(ids[:at]), tokens.to(embed.weight.dtype), embed(ids[at + 1:])])
+                lab = torch.cat([lab[:at], lab.new_full((len(tokens),), IGNORE), lab[at + 1:]])
+                counts.append(len(tokens))
+            else:
+                row = embed(ids)
+                counts.append(0)
+            truncated += len(row) > max_length
+            rows.append(row[:max_length])
+            targets.append(lab[:max_length])
+        lengths = torch.tensor([len(r) for r in rows])
+        L = int(lengths.max())
+        x = torch.stack([F.pad(r, (0, 0, 0, L - len(r))) for r in rows])              # B x L x hidden
+        y = torch.stack([F.pad(t, (0, L - len(t)), value=IGNORE) for t in targets])   # B x L
+        if not any(has_image):  # a zero-valued touch: DDP needs a gradient for the projector on every step
+            x = x + 0 * sum(p.sum() for p in self.projector.parameters())
+        return x, y, lengths, torch.tensor(counts), truncated
+
+    def forward(self, input_ids, labels, images, has_image, max_length):
+        x, y, lengths, counts, truncated = self.build_inputs(input_ids, labels, images, has_image, max_length)
+        return LLaVAOutput(self.llm(inputs_embeds=x), y, lengths, counts, truncated)
+
+    @torch.no_grad()
+    def generate(self, input_ids, images, has_image, max_new_tokens=32):
+        """Greedy answers to a batch of prompts: B lists of new token ids, each ending before eos.
+
+        The whole right-padded sequence is run again for every new token (no KV cache):
+        simple, and cheap for short answers.
+        """
+        cfg = self.llm.cfg
+        labels = [torch.full_like(ids, IGNORE) for ids in input_ids]
+        x, _, lengths, _, _ = self.build_inputs(input_ids, labels, images, has_image, cfg.max_position_embeddings)
+        lengths = lengths.to(x.device)
+        rows = torch.arange(len(x), device=x.device)
+        answers = [[] for _ in input_ids]
+        done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(max_new_tokens):
+            if int(lengths.max()) >= cfg.max_position_embeddings:
+                break
+            next_ids = self.llm(inputs_embeds=x)[rows, lengths - 1].argmax(-1)      # B
+            done |= next_ids == cfg.eos_token_id
+            if done.all():
+                break
+            x = F.pad(x, (0, 0, 0, 1))                                                # room for one more token
+            x[rows, lengths] = self.llm.embed_tokens(next_ids).to(x.dtype)
+            lengths += 1
+            for b in (~done).nonzero().flatten().tolist():
+                answers[b].append(int(next_ids[b]))
+        return answers

@@ -1,0 +1,270 @@
+"""LLaVA: Hugging Face Llama loading (against transformers), the label mask, the image-token glue,
+LoRA, and train_llava.py end to end (both stages under a 2-rank torchrun with compress 4)."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from common import SYSTEM, image_transform, load_llama, make_shape_image, save_llama, tokenize_conversation, train_sentencepiece, TextTokenizer
+from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, make_config,
+                   merge_lora)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORDS = ["the shape is red", "it is a blue circle", "where is the green ring", "a photo of a yellow cross",
+         "USER: ASSISTANT:", SYSTEM]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    train_sentencepiece(WORDS * 20, 120, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- Hugging Face Llama checkpoints
+
+@pytest.mark.parametrize("variant", ["untied, multi-head, sharded safetensors", "tied, grouped-query, llama3 rope"])
+def test_hugging_face_llama_gives_the_same_logits(variant, tmp_path, tokenizer_file):
+    tied = variant.startswith("tied")
+    rope = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 16}, rope_theta=500000.0) if tied else {}
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(HFLlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2 if tied else 4,
+                                               max_position_embeddings=64, tie_word_embeddings=tied, **rope)).eval()
+    with torch.no_grad():  # random norms, so that a swapped or missing norm weight shows
+        for name, p in reference.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    reference.save_pretrained(tmp_path, max_shard_size="50KB" if not tied else "10GB")
+    if not tied:
+        assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    shutil.copy(tokenizer_file, tmp_path)
+    ours, tok = load_llama(str(tmp_path))
+    ids = torch.randint(0, 120, (2, 40))
+    with torch.no_grad():
+        expected, got = reference(ids).logits, ours.eval()(ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert tok.decode(tok.encode("the shape is red")) == "the shape is red"
+
+    # and back: what save_llama writes, transformers reads as the same model
+    save_llama(ours, tokenizer_file, str(tmp_path / "ours"))
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_llama_directory_errors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    result = subprocess.run([sys.executable, "-c", f"from common import load_llama; load_llama({str(tmp_path)!r})"],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode != 0 and "only Llama-family checkpoints" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the label mask
+
+def test_label_mask_covers_exactly_the_answers(tokenizer_file):
+    tok = TextTokenizer(tokenizer_file, 1, 2)
+    turns = [{"from": "human", "value": "<image>\nwhere is the green ring"}, {"from": "gpt", "value": "the shape is red"},
+             {"from": "human", "value": "it is a blue circle"}, {"from": "gpt", "value": "a photo of a yellow cross"}]
+    ids, labels = tokenize_conversation(tok, turns)
+    # rebuild the sequence piece by piece, knowing which pieces are answers
+    pieces = [([1], False), (tok.encode(SYSTEM + " USER: "), False), ([IMAGE_TOKEN], False),
+              (tok.encode("\nwhere is the green ring ASSISTANT:"), False), (tok.encode(" the shape is red"), True),
+              ([2], True), (tok.encode("USER: it is a blue circle ASSISTANT:"), False),
+              (tok.encode(" a photo of a yellow cross"), True), ([2], True)]
+    expected_ids = [i for piece, _ in pieces for i in piece]
+    expected_labels = [i if answer else IGNORE for piece, answer in pieces for i in piece]
+    assert ids.tolist() == expected_ids
+    for position, (label, expected) in enumerate(zip(labels.tolist(), expected_labels)):
+        assert label == expected, f"token {position}: label {label}, expected {expected}"
+    answers = tok.decode([i for i, keep in zip(ids.tolist(), labels.tolist()) if keep != IGNORE and i != 2])
+    assert answers.split() == "the shape is red a photo of a yellow cross".split()
+    assert (labels == IGNORE).sum() == len(ids) - 2 - len(tok.encode(" the shape is red")) - len(tok.encode(" a photo of a yellow cross"))
+
+
+# ----------------------------------------------------------------------------- image tokens into the LLM
+
+def tiny_llava(compress=4):
+    torch.manual_seed(0)
+    llm = Llama(LLAMA_CONFIGS["tiny"])
+    return LLaVA(CLIP(make_config("tiny", compress=compress)).visual, llm).eval()
+
+
+def test_only_valid_drip_tokens_reach_the_llm_and_labels_follow():
+    model = tiny_llava()
+    rng = random.Random(0)
+    images = torch.stack([image_transform(48)(make_shape_image(rng, label, 48)[0]) for label in (0, 7, 20)])
+    ids = [torch.tensor([1, 5, IMAGE_TOKEN, 6, 7, 8]), torch.tensor([1, 9, 10, 11]), torch.tensor([1, IMAGE_TOKEN, 12, 13])]
+    labels = [torch.tensor([IGNORE, IGNORE, IGNORE, IGNORE, 7, 8]), torch.tensor([IGNORE, IGNORE, 10, 11]),
+              torch.tensor([IGNORE, IGNORE, 12, 13])]
+    with torch.no_grad():
+        features = model.visual.forward_features(images[[0, 2]], layer=-2, sample=False)
+        counts = features.valid.sum(1).tolist()
+        x, y, lengths, image_tokens, truncated = model.build_inputs(ids, labels, images[[0, 2]], [True, False, True], 256)
+    assert counts[0] != 36 and image_tokens.tolist() == [counts[0], 0, counts[1]]
+    assert lengths.tolist() == [5 + counts[0], 4, 3 + counts[1]] and truncated == 0
+    embed = model.llm.embed_tokens.weight
+    # sample 0: two text tokens, the valid segment tokens projected, then the rest
+    n = counts[0]
+    torch.testing.assert_close(x[0, 2:2 + n], model.projector(features.tokens[0, :n]))
+    torch.testing.assert_close(x[0, 2 + n:5 + n], embed[[6, 7, 8]])
+    assert y[0].tolist() == [IGNORE] * (2 + n) + [IGNORE, 7, 8] + [IGNORE] * (x.shape[1] - 5 - n)
+    assert y[1].tolist()[:4] == [IGNORE, IGNORE, 10, 11] and (y[1, 4:] == IGNORE).all() and (x[1, 4:] == 0).all()
+    assert y[2].tolist()[:1 + counts[1] + 2] == [IGNORE] * (1 + counts[1]) + [12, 13]
+    # right padding and causal attention: a sample's logits do not depend on the batch
+    with torch.no_grad():
+        batch = model(ids, labels, images[[0, 2]], [True, False, True], 256).logits
+        alone = model(ids[1:2], labels[1:2], None, [False], 256).logits
+    torch.testing.assert_close(batch[1, :4], alone[0, :4], atol=1e-5, rtol=1e-4)
+    # truncation cuts the labels with the tokens
+    _, y_cut, lengths_cut, _, truncated = model.build_inputs(ids, labels, images[[0, 2]], [True, False, True], 4 + n)
+    assert truncated == 1 + (3 + counts[1] > 4 + n) and lengths_cut.tolist() == [4 + n, 4, min(4 + n, 3 + counts[1])]
+    assert y_cut[0].tolist() == [IGNORE] * (2 + n) + [IGNORE, 7]
+
+
+def test_generate_matches_step_by_step_argmax():
+    model = tiny_llava()
+    images = torch.randn(2, 3, 48, 48)
+    ids = [torch.tensor([1, IMAGE_TOKEN, 5, 6]), torch.tensor([1, 7, IMAGE_TOKEN])]
+    answers = model.generate(ids, images, [True, True], max_new_tokens=4)
+    for b in range(2):  # one sample at a time, the naive way
+        sequence, expected = ids[b], []
+        for _ in range(4):
+            logits = model([sequence], [torch.full_like(sequence, IGNORE)], images[b:b + 1], [True], 256).logits
+            token = int(logits[0, -1].argmax())
+            if token == model.llm.cfg.eos_token_id:
+                break
+            expected.append(token)
+            sequence = torch.cat([sequence, torch.tensor([token])])
+        assert answers[b] == expected
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+    torch.manual_seed(0)
+    llm = Llama(LLAMA_CONFIGS["tiny"]).eval()
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        base = llm(ids)
+    add_lora(llm, r=4, alpha=8, dropout=0.1).eval()
+    assert isinstance(llm.layers[0].self_attn.q_proj, LoRALinear) and isinstance(llm.layers[3].mlp.down_proj, LoRALinear)
+    trainable = {n for n, p in llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids), base)  # B = 0
+        for module in llm.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_()
+        adapted = llm(ids)
+    assert (adapted - base).abs().max() > 1e-3
+    merge_lora(llm)
+    assert not any(isinstance(m, LoRALinear) for m in llm.modules())
+    assert set(llm.state_dict()) == set(Llama(LLAMA_CONFIGS["tiny"]).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids), adapted, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- train_llava.py end to end
+
+def run(args, nproc=1, check=True, timeout=300):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [sys.executable])
+    result = subprocess.run(launcher + [os.path.join(HERE, "train_llava.py")] + args, capture_output=True, text=True,
+                            timeout=timeout, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_file):
+    """A compress-4 CLIP checkpoint, a tiny Llama directory, and LLaVA JSONs over a few images."""
+    root = tmp_path_factory.mktemp("llava")
+    cfg = make_config("tiny", compress=4)
+    torch.manual_seed(0)
+    torch.save({"model": CLIP(cfg).state_dict(), "model_config": cfg.__dict__}, root / "clip.pt")
+    save_llama(Llama(LLAMA_CONFIGS["tiny"]), tokenizer_file, str(root / "llm"))
+    rng = random.Random(0)
+    os.makedirs(root / "images")
+    entries = []
+    for i in range(24):
+        image, words = make_shape_image(rng, rng.randrange(36), 48)
+        image.save(root / "images" / f"{i}.jpg")
+        entries.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nwhere is the green ring"}, {"from": "gpt", "value": f"the shape is {words['colour']}"},
+            {"from": "human", "value": "it is a blue circle " * (20 if i == 3 else 1)}, {"from": "gpt", "value": "a yellow cross"}]})
+    entries.append({"id": "gone", "image": "missing.jpg", "conversations": entries[0]["conversations"]})
+    entries.append({"id": "text", "conversations": [{"from": "human", "value": "the shape is red"}, {"from": "gpt", "value": "red"}]})
+    (root / "data.json").write_text(json.dumps(entries))
+    (root / "eval.json").write_text(json.dumps(entries[:6]))
+    return root
+
+
+def common_args(root, out):
+    return ["--vision", str(root / "clip.pt"), "--llm", str(root / "llm"), "--pretrain_data", str(root / "data.json"),
+            "--instruct_data", str(root / "data.json"), "--eval_data", str(root / "eval.json"),
+            "--image_folder", str(root / "images"), "--out_dir", str(out), "--batch_size", "4", "--workers", "0",
+            "--log_every", "1", "--max_new_tokens", "3", "--max_length", "100"]
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_both_stages_two_ranks_compress_4_then_generate(setup):
+    out = setup / "run"
+    result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4"], nproc=2)
+    assert "truncated" in result.stdout  # the 20x repeated question is longer than 100 tokens
+    stage1, stage2 = records(out)
+    assert (stage1["stage"], stage1["step"], stage2["stage"], stage2["step"]) == (1, 3, 2, 3)
+    for r in (stage1, stage2):
+        assert 0 < r["image_tokens_per_sample"] < 36 / 2  # compress 4: about 9 of 36 patches
+        assert r["eval_questions"] == 6 and r["tokens_per_s"] > 0
+    saved1 = torch.load(out / "stage1" / "ckpt.pt", weights_only=False)
+    assert saved1["model"] and all(k.startswith("projector.") for k in saved1["model"])  # tower and LLM stayed frozen
+    saved2 = torch.load(out / "stage2" / "ckpt.pt", weights_only=False)
+    assert {k.split(".")[0] for k in saved2["model"]} == {"projector", "llm"}
+    assert all("lora_" in k for k in saved2["model"] if k.startswith("llm."))
+    merged, _ = load_llama(str(out / "stage2" / "llm_merged"))  # LoRA folded into a plain Llama directory
+    assert not torch.equal(merged.layers[0].self_attn.q_proj.weight,
+                           load_llama(str(setup / "llm"))[0].layers[0].self_attn.q_proj.weight)
+
+    image = setup / "images" / "5.jpg"
+    answer = run(["--generate", "--out_dir", str(out), "--image", str(image), "--prompt", "What colour is the shape?",
+                  "--max_new_tokens", "3"])
+    assert answer.stdout.strip() == answer.stdout.strip().splitlines()[-1]  # one line: the answer
+
+
+def test_missing_image_is_skipped_and_counted_then_resume(setup):
+    out = setup / "resume"
+    args = common_args(setup, out) + ["--stage", "1", "--batch_size", "26", "--epochs_stage1", "3"]  # 1 step an epoch
+    run(args + ["--max_steps", "2"])
+    assert [r["skipped_samples"] for r in records(out)] == [1, 1]
+    result = run(args + ["--resume"])
+    assert "resumed from" in result.stdout and "at step 2/3" in result.stdout
+    assert records(out)[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"id": "a", "image": "0.jpg", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "has an image but no <image>"),
+    ({"id": "b", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]},
+     "has <image> in its conversation but no \"image\""),
+])
+def test_bad_entries_stop_with_one_line(setup, tmp_path, entry, message):
+    (tmp_path / "bad.json").write_text(json.dumps([entry]))
+    args = common_args(setup, tmp_path / "out")
+    args[args.index("--instruct_data") + 1] = str(tmp_path / "bad.json")
+    result = run(args + ["--stage", "2"], check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

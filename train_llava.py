@@ -1,0 +1,538 @@
+"""LLaVA visual instruction tuning with a DRIP (or plain) CLIP image tower.
+
+    python train_clip.py --compress 4 && python train_llava.py --compress 4   # built-in data, CPU, minutes
+    python train_llava.py --compress 4 --generate --image img.jpg --prompt "What colour is the shape?"
+    torchrun --nproc_per_node=8 train_llava.py --stage 1 --vision out/clip_ViT-B-16_c4/ckpt.pt \\
+        --llm vicuna-7b-v1.5/ --pretrain_data blip_laion_cc_sbu_558k.json --image_folder LLaVA-Pretrain/images
+    torchrun --nproc_per_node=8 train_llava.py --stage 2 --vision ... --llm vicuna-7b-v1.5/ \\
+        --instruct_data llava_v1_5_mix665k.json --image_folder playground/data [--lora_r 128 --lora_alpha 256]
+
+Stage 1 trains only the projector on image-caption pairs (tower and LLM frozen, lr 1e-3);
+stage 2 trains the projector and the LLM (lr 2e-5), or LoRA adapters on the LLM with
+--lora_r, on conversations. The image tower is always frozen and runs under no_grad. Each
+`<image>` placeholder becomes that image's valid DRIP tokens only, so at --compress 4 the
+LLM reads about a quarter of the image tokens of the plain tower.
+
+Data is LLaVA's JSON: [{"id", "image", "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}], image paths relative to
+--image_folder, Vicuna-v1's template, loss on the assistant's answers only.
+
+Without data arguments a shapes conversation set is written to data/shapes_llava
+(captions for stage 1; questions about colour, shape and position for stage 2; held-out
+questions for the exact-match evaluation), and without --llm a tiny Llama and its
+sentencepiece tokenizer are first trained on that set's text ("stage 0", standing in for
+a pretrained LLM). --stage all (the default) runs every stage that is needed in order.
+Each stage reports loss, image tokens per sample, step time, tokens/s and peak memory per
+epoch, writes out_dir/stage<N>/ckpt.pt atomically, and continues from it with --resume.
+"""
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common import (CAPTION_TEMPLATES, CLASSES, all_reduce_sum, cosine_lr, die, image_transform, load_clip_checkpoint,
+                    load_image, load_llama, load_weights_file, make_shape_image, parse_overrides, peak_memory_gb,
+                    rng_state, save_checkpoint, save_llama, set_rng_state, setup_distributed, SYSTEM, TextTokenizer,
+                    tokenize_conversation, train_sentencepiece)
+from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, add_lora, load_clip_weights, make_config,
+                   merge_lora)
+
+# -----------------------------------------------------------------------------
+# defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
+stage = "all"               # all (stage 0 if there is no --llm, then 1, then 2) | 0 | 1 | 2
+vision = ""                 # train_clip.py checkpoint, or open_clip weights with --vision_model; empty = out/clip_tiny_c<compress>/ckpt.pt
+vision_model = "tiny"       # the CLIP config open_clip weights fit (ignored for train_clip.py checkpoints)
+compress = 1.0              # DRIP compression of the default vision checkpoint / of open_clip weights
+quick_gelu = False          # with OpenAI's CLIP weights
+feature_layer = -2          # image tokens from this block (penultimate, LLaVA's choice), CLS dropped
+projector = "mlp2x_gelu"    # mlp2x_gelu | linear
+llm = ""                    # Hugging Face Llama directory; empty = out_dir/llm, trained in stage 0
+llm_model = "tiny"          # config of the LLM trained in stage 0
+pretrain_data = ""          # stage 1 JSON (captions); empty = built-in shapes
+instruct_data = ""          # stage 2 JSON (conversations); empty = built-in shapes
+eval_data = ""              # JSON whose first answer is compared with the greedy answer; empty = built-in held-out set
+image_folder = ""           # image paths in the JSON are relative to it; empty = the built-in data's folder
+data_dir = "data"
+out_dir = ""                # empty = out/llava_c<compress>
+steps_stage0 = 400          # text pretraining of the tiny LLM
+lr_stage0 = 2e-3
+epochs_stage1 = 1
+lr_stage1 = 1e-3
+epochs_stage2 = 1
+lr_stage2 = 2e-5
+lora_r = 0                  # > 0: stage 2 trains LoRA adapters (and the projector) instead of the whole LLM
+lora_alpha = 16.0
+lora_dropout = 0.05
+batch_size = 32             # per rank
+max_length = 0              # context in tokens, image tokens included; 0 = the LLM's max_position_embeddings
+warmup_ratio = 0.03
+weight_decay = 0.0
+grad_clip = 1.0
+workers = 1
+seed = 0
+dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+grad_checkpointing = False
+log_every = 20
+checkpoint_every = 200      # steps
+resume = False
+max_steps = 0               # per stage; 0 = all epochs (for tests and smoke runs)
+eval_samples = 0            # 0 = all of eval_data
+generate = False            # answer --prompt about --image with the newest stage checkpoint and exit
+image = ""
+prompt = ""
+ckpt = ""                   # for --generate; empty = out_dir/stage2/ckpt.pt (or stage1)
+max_new_tokens = 32
+config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
+                          isinstance(v, (int, float, str, bool))})
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------- LLaVA's JSON
+
+def read_conversations(path):
+    """LLaVA's JSON, every entry checked; a bad one stops the run with its id."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"cannot read {path} ({e}); give a LLaVA-format JSON list")
+    if not isinstance(entries, list):
+        die(f"{path} must hold a JSON list of conversations")
+    for n, entry in enumerate(entries):
+        name = f"{path}: entry {entry.get('id', n)!r}" if isinstance(entry, dict) else f"{path}: entry {n}"
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not turns or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            die(f"{name} has no list of {{'from', 'value'}} conversations")
+        if any(t.get("from") != ("human" if i % 2 == 0 else "gpt") for i, t in enumerate(turns)):
+            die(f"{name}: turns must alternate human, gpt, human, ... starting with human")
+        placeholders = sum(t["value"].count("<image>") for t in turns)
+        if "image" in entry and placeholders == 0:
+            die(f"{name} has an image but no <image> in its conversation; put '<image>\\n' before its first question")
+        if "image" not in entry and placeholders:
+            die(f"{name} has <image> in its conversation but no \"image\" file")
+        if placeholders > 1:
+            die(f"{name} has {placeholders} <image> placeholders; one image per conversation is supported")
+    return entries
+
+
+class Conversations(Dataset):
+    """(image or None, ids, labels) per entry; None for an entry whose image cannot be read.
+
+    language_model=True (stage 0) drops the images and puts the loss on every token.
+    """
+
+    def __init__(self, entries, folder, tok, image_size, language_model=False):
+        self.entries, self.folder, self.tok, self.language_model = entries, folder, tok, language_model
+        self.transform = image_transform(image_size)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        entry = self.entries[i]
+        if self.language_model:
+            turns = [dict(t, value=t["value"].replace("<image>\n", "").replace("<image>", "")) for t in entry["conversations"]]
+            ids, _ = tokenize_conversation(self.tok, turns)
+            return None, ids, torch.cat([torch.tensor([IGNORE]), ids[1:]])
+        ids, labels = tokenize_conversation(self.tok, entry["conversations"])
+        if "image" not in entry:
+            return None, ids, labels
+        path = os.path.join(self.folder, entry["image"])
+        try:
+            return self.transform(load_image(path)), ids, labels
+        except OSError as e:
+            print(f"warning: skipping {entry.get('id', i)}: cannot read {path} ({type(e).__name__})", flush=True)
+            return None  # counted as skipped by collate
+
+
+def collate(batch):
+    samples = [s for s in batch if s is not None]
+    if not samples:
+        die("no sample of a whole batch could be read; check --image_folder")
+    images = [s[0] for s in samples if s[0] is not None]
+    return (torch.stack(images) if images else None, [s[0] is not None for s in samples],
+            [s[1] for s in samples], [s[2] for s in samples], len(batch) - len(samples))
+
+
+# ----------------------------------------------------------------------------- the built-in shapes conversations
+
+COLOUR_QUESTIONS = ["What colour is the shape?", "Which colour does the object have?", "What is the colour of the shape?"]
+SHAPE_QUESTIONS = ["What shape is it?", "Which shape is in the picture?", "What kind of shape is shown?"]
+PLACE_QUESTIONS = ["Where is the shape?", "Where in the picture is the object?"]
+CAPTION_PROMPTS = ["Describe the image briefly.", "Give a short caption of the picture.", "What does the image show?"]
+
+
+def questions(words):
+    return [("colour", COLOUR_QUESTIONS, f"The shape is {words['colour']}."),
+            ("shape", SHAPE_QUESTIONS, f"It is a {words['shape']}."),
+            ("place", PLACE_QUESTIONS, f"It is in the {words['place']} of the picture.")]
+
+
+def write_shapes_conversations(root, size, train_images=6000, val_images=300, seed=0):
+    """root/images/{train,val}/*.jpg and LLaVA JSONs: pretrain.json (one caption per image),
+    instruct.json (colour, shape and place questions in random order), val.json (one
+    question of each kind per held-out image, with a "kind" field). Written to root.tmp,
+    then renamed."""
+    if os.path.exists(os.path.join(root, "info.json")):
+        return
+    tmp = root + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pretrain, instruct, val = [], [], []
+    for split, count, split_seed in (("train", train_images, seed), ("val", val_images, seed + 1_000_003)):
+        rng = random.Random(split_seed)
+        os.makedirs(os.path.join(tmp, "images", split))
+        for i in range(count):
+            image, words = make_shape_image(rng, rng.randrange(len(CLASSES)), size)
+            name = f"images/{split}/{i:05d}.jpg"
+            image.save(os.path.join(tmp, name), quality=90)
+            if split == "val":
+                val += [{"id": f"val_{i:05d}_{kind}", "image": name, "kind": kind, "conversations": [
+                    {"from": "human", "value": "<image>\n" + asked[0]}, {"from": "gpt", "value": answer}]}
+                    for kind, asked, answer in questions(words)]
+                continue
+            caption = rng.choice(CAPTION_TEMPLATES).format(**words)
+            pretrain.append({"id": f"train_{i:05d}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
+                {"from": "gpt", "value": caption[0].upper() + caption[1:]}]})
+            turns = []
+            for kind, asked, answer in rng.sample(questions(words), 3):
+                turns += [{"from": "human", "value": rng.choice(asked)}, {"from": "gpt", "value": answer}]
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+            instruct.append({"id": f"train_{i:05d}", "image": name, "conversations": turns})
+    for name, entries in (("pretrain.json", pretrain), ("instruct.json", instruct), ("val.json", val)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(entries, f)
+    with open(os.path.join(tmp, "info.json"), "w") as f:
+        json.dump({"size": size, "train_images": train_images, "val_images": val_images, "seed": seed}, f)
+    os.replace(tmp, root)
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+def load_vision(path):
+    """The frozen image tower: from a train_clip.py checkpoint, or open_clip weights for --vision_model."""
+    if not os.path.isfile(path):
+        die(f"no CLIP image tower at {path}; run `python train_clip.py --compress {compress:g}` first, or give --vision")
+    weights = load_weights_file(path)
+    if "model_config" in weights:
+        return load_clip_checkpoint(path)[0].visual
+    clip = CLIP(make_config(vision_model, compress=compress, quick_gelu=quick_gelu))
+    try:
+        missing, _ = load_clip_weights(clip, weights)
+    except ValueError as e:
+        die(f"--vision {path}: {e}; choose the matching --vision_model")
+    if [k for k in missing if k.startswith("visual.") and "boundary_predictor" not in k]:
+        die(f"--vision {path} lacks image tower weights ({missing[0]}, ...)")
+    if compress > 1 and master:
+        print("warning: the boundary predictor of these open_clip weights is untrained; "
+              "train the tower with train_clip.py --init_from first")
+    return clip.visual
+
+
+def build_model(vision_path, llm_path, lora):
+    visual = load_vision(vision_path)
+    language_model, tok = load_llama(llm_path)
+    if lora:
+        add_lora(language_model, *lora)
+    return LLaVA(visual, language_model, projector, feature_layer), tok
+
+
+def trainable_state(model):
+    return {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, tok, entries, folder):
+    """Exact match of the greedy answer to the first question with the expected first answer,
+    overall and per "kind"; each rank answers every world_size-th entry."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    entries = entries[:eval_samples or None]
+    prompts = [dict(e, conversations=e["conversations"][:1]) for e in entries]
+    shard = torch.utils.data.Subset(Conversations(prompts, folder, tok, model.visual.cfg.image_size),
+                                    range(rank, len(prompts), world))
+    kinds = sorted({e.get("kind", "all") for e in entries})
+    correct, total = {k: 0 for k in kinds}, {k: 0 for k in kinds}
+    model.eval()
+    for start in range(0, len(shard), batch_size):
+        batch = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
+        kept = [entries[rank + world * (start + i)] for i, s in enumerate(batch) if s is not None]
+        images, has_image, ids, _, _ = collate(batch)
+        with autocast:
+            answers = model.generate([x.to(device) for x in ids], images.to(device) if images is not None else None,
+                                     has_image, max_new_tokens)
+        for entry, answer in zip(kept, answers):
+            kind = entry.get("kind", "all")
+            total[kind] += 1
+            correct[kind] += tok.decode(answer).strip() == entry["conversations"][1]["value"].strip()
+    sums = all_reduce_sum([correct[k] for k in kinds] + [total[k] for k in kinds], device)
+    correct, total = dict(zip(kinds, sums[:len(kinds)])), dict(zip(kinds, sums[len(kinds):]))
+    model.train()
+    result = {"exact_match": 100 * sum(correct.values()) / max(1, sum(total.values())), "eval_questions": int(sum(total.values()))}
+    if kinds != ["all"]:
+        result |= {f"exact_match_{k}": 100 * correct[k] / max(1, total[k]) for k in kinds}
+    return result
+
+
+# ----------------------------------------------------------------------------- one training stage
+
+def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, lora, total_steps=0):
+    """Train the parameters that require grad; returns the last epoch's report (or None if already done)."""
+    ckpt_path = os.path.join(stage_dir, "ckpt.pt")
+    dataset = Conversations(entries, folder, tok, model.visual.cfg.image_size, language_model=n == 0)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                        num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        die(f"stage {n}: {len(entries)} samples are less than one batch ({batch_size} x {world_size} ranks)")
+    total_steps = total_steps or epochs * steps_per_epoch
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                  fused=device.type == "cuda")
+    step = 0
+    if resume and os.path.exists(ckpt_path):
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if checkpoint["stage"] != n or checkpoint["lora"] != lora or checkpoint["sources"] != sources:
+            die(f"{ckpt_path} was written by another run (stage, LoRA or model paths differ); use another --out_dir")
+        model.load_state_dict(checkpoint["model"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+        if len(checkpoint["rng"]) == world_size:
+            set_rng_state(checkpoint["rng"][rank])
+        if master:
+            print(f"stage {n}: resumed from {ckpt_path} at step {step}/{total_steps}")
+        if step >= total_steps:
+            return None
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    context = max_length or model.llm.cfg.max_position_embeddings
+
+    def write_checkpoint():
+        states = [None] * world_size
+        if dist.is_initialized():
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            save_checkpoint({"model": trainable_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                             "stage": n, "lora": lora, "sources": sources, "run_config": config, "rng": states},
+                            ckpt_path)
+
+    if master:
+        os.makedirs(stage_dir, exist_ok=True)
+        print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {steps_per_epoch} "
+              f"steps/epoch, {total_steps} steps, lr {lr:g}, {world_size} rank(s), {device} {dtype}", flush=True)
+    report, warned = None, False
+    model.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader.generator.manual_seed(seed + epoch)
+        sums = dict(loss=0.0, image_tokens=0, samples=0, tokens=0, skipped=0, truncated=0, time=0.0, steps=0)
+        t0 = time.perf_counter()
+        for i, (images, has_image, ids, labels, skipped) in enumerate(loader):
+            if i < step % steps_per_epoch:  # resuming inside an epoch: the same order, already seen batches skipped
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total_steps, max(1, round(warmup_ratio * total_steps)), lr)
+            with autocast:
+                out = ddp_model([x.to(device) for x in ids], [y.to(device) for y in labels],
+                                images.to(device) if images is not None else None, has_image, context)
+                logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
+                loss = F.cross_entropy(logits.flatten(0, 1), out.labels[:, 1:].flatten(), ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            step += 1
+            t1 = time.perf_counter()
+            if out.truncated and not warned and master:
+                print(f"warning: {out.truncated} sample(s) longer than the context of {context} tokens were truncated "
+                      "(their labels cut with them); raise --max_length or shorten the data", flush=True)
+                warned = True
+            sums["loss"] += loss.item()
+            sums["image_tokens"] += int(out.image_tokens.sum())
+            sums["samples"] += len(ids)
+            sums["tokens"] += int(out.lengths.sum())
+            sums["skipped"] += skipped
+            sums["truncated"] += out.truncated
+            sums["time"] += t1 - t0
+            sums["steps"] += 1
+            if step % log_every == 0 and master:
+                print(f"stage {n} step {step}/{total_steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                      f"image tokens/sample {int(out.image_tokens.sum()) / len(ids):.1f} step {1000 * (t1 - t0):.0f}ms",
+                      flush=True)
+            if step % checkpoint_every == 0:
+                write_checkpoint()
+            t0 = time.perf_counter()
+            if step >= total_steps:
+                break
+        k = max(1, sums["steps"])
+        totals = all_reduce_sum([sums["loss"], sums["image_tokens"], sums["samples"], sums["tokens"], sums["skipped"],
+                                 sums["truncated"]], device)
+        report = {"stage": n, "epoch": step / steps_per_epoch, "step": step, "loss": totals[0] / (k * world_size),
+                  "image_tokens_per_sample": totals[1] / max(1, totals[2]), "step_time_s": sums["time"] / k,
+                  "tokens_per_s": totals[3] / max(1e-9, sums["time"]), "peak_memory_gb": peak_memory_gb(device),
+                  "skipped_samples": int(totals[4]), "truncated_samples": int(totals[5])}
+        if n > 0:
+            report |= evaluate(model, tok, eval_entries, eval_folder)
+        log(report)
+    write_checkpoint()
+    if dist.is_initialized():
+        dist.barrier()  # the next stage reads this checkpoint on every rank
+    return report
+
+
+def log(record):
+    if master:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+rank, world_size, device = setup_distributed()
+master = rank == 0
+random.seed(seed + rank)
+torch.manual_seed(seed)  # the same initial weights on every rank
+if dtype == "auto":
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+if dtype not in ("bfloat16", "float16", "float32"):
+    die(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
+out_dir = out_dir or f"out/llava_c{compress:g}"
+vision = vision or f"out/clip_tiny_c{compress:g}/ckpt.pt"
+if stage not in ("all", "0", "1", "2"):
+    die(f"--stage must be all, 0, 1 or 2, got {stage!r}")
+if projector not in ("linear", "mlp2x_gelu"):
+    die(f"--projector must be linear or mlp2x_gelu, got {projector!r}")
+lora = [lora_r, lora_alpha, lora_dropout] if lora_r > 0 else None
+
+if generate:
+    ckpt = ckpt or next((p for p in (os.path.join(out_dir, f"stage{s}", "ckpt.pt") for s in (2, 1)) if os.path.exists(p)), "")
+    if not ckpt or not os.path.exists(ckpt):
+        die(f"no LLaVA checkpoint under {out_dir}; run `python train_llava.py --compress {compress:g}` first or give --ckpt")
+    if not prompt:
+        die("--generate needs --prompt (and usually --image)")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    for key in ("projector", "feature_layer", "vision_model", "compress", "quick_gelu"):
+        globals()[key] = saved["run_config"][key]
+    model, tok = build_model(saved["sources"]["vision"], saved["sources"]["llm"], saved["lora"])
+    model.load_state_dict(saved["model"], strict=False)
+    model.to(device).eval()
+    turn = {"from": "human", "value": ("<image>\n" if image else "") + prompt}
+    ids, _ = tokenize_conversation(tok, [turn])
+    pixels = None
+    if image:
+        try:
+            pixels = image_transform(model.visual.cfg.image_size)(load_image(image))[None].to(device)
+        except OSError as e:
+            die(f"cannot read image {image} ({e})")
+    with autocast:
+        answer = model.generate([ids.to(device)], pixels, [bool(image)], max_new_tokens)[0]
+    print(tok.decode(answer).strip())
+    raise SystemExit(0)
+
+if any([pretrain_data, instruct_data, eval_data]) and not image_folder:
+    die("--image_folder is required with --pretrain_data/--instruct_data/--eval_data")
+builtin = os.path.join(data_dir, "shapes_llava")
+if not (pretrain_data and instruct_data and eval_data):
+    visual_size = load_vision(vision).cfg.image_size
+    if master:
+        write_shapes_conversations(builtin, visual_size)
+    if dist.is_initialized():
+        dist.barrier()
+    with open(os.path.join(builtin, "info.json")) as f:
+        if json.load(f)["size"] != visual_size:
+            die(f"{builtin} holds images of another size than the tower's {visual_size} px; delete it")
+folder = image_folder or builtin
+pretrain_data = pretrain_data or os.path.join(builtin, "pretrain.json")
+instruct_data = instruct_data or os.path.join(builtin, "instruct.json")
+eval_folder = image_folder if eval_data else builtin
+eval_entries = read_conversations(eval_data or os.path.join(builtin, "val.json"))
+# read and checked up front: a bad entry stops the run before any training
+pretrain_entries = read_conversations(pretrain_data) if stage in ("all", "0", "1") else []
+instruct_entries = read_conversations(instruct_data) if stage in ("all", "0", "2") else []
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# ----------------------------------------------------------------------------- stage 0: a tiny LLM trained on the data's text
+
+llm_dir = llm or os.path.join(out_dir, "llm")
+if stage == "0" or (stage == "all" and not llm and not (resume and os.path.exists(os.path.join(llm_dir, "config.json")))):
+    if llm:
+        die("--stage 0 trains a tiny LLM from scratch; with --llm there is nothing to do")
+    text_entries = pretrain_entries + instruct_entries
+    tok_path = os.path.join(out_dir, "tokenizer.model")
+    if master:
+        texts = [SYSTEM] + [t["value"].replace("<image>", "") for e in text_entries for t in e["conversations"]]
+        train_sentencepiece(texts, LLAMA_CONFIGS[llm_model].vocab_size, tok_path)
+    if dist.is_initialized():
+        dist.barrier()
+    cfg = LLAMA_CONFIGS[llm_model]
+    language_model = Llama(cfg)
+    tok = TextTokenizer(tok_path, cfg.bos_token_id, cfg.eos_token_id)
+    model = LLaVA(load_vision(vision), language_model, projector, feature_layer).to(device)
+    model.requires_grad_(False)
+    model.llm.requires_grad_(True)
+    model.llm.grad_checkpointing = grad_checkpointing
+    train_stage(0, model, tok, text_entries, folder, 0, lr_stage0, os.path.join(out_dir, "stage0"),
+                {"vision": vision, "llm": "scratch:" + llm_model}, None, total_steps=steps_stage0)
+    if master:
+        save_llama(model.llm, tok_path, llm_dir)
+        print(f"stage 0: tiny LLM written to {llm_dir}")
+    if dist.is_initialized():
+        dist.barrier()
+
+# ----------------------------------------------------------------------------- stage 1: the projector alone
+
+sources = {"vision": vision, "llm": llm_dir}
+stage1_ckpt = os.path.join(out_dir, "stage1", "ckpt.pt")
+if stage in ("all", "1"):
+    model, tok = build_model(vision, llm_dir, None)
+    model.to(device).requires_grad_(False)
+    model.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
+    report = train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1,
+                         os.path.dirname(stage1_ckpt), sources, None)
+
+# ----------------------------------------------------------------------------- stage 2: projector + LLM (or LoRA)
+
+if stage in ("all", "2"):
+    if not os.path.exists(stage1_ckpt):
+        die(f"stage 2 starts from the projector of stage 1, and {stage1_ckpt} does not exist; run --stage 1 first")
+    model, tok = build_model(vision, llm_dir, lora)
+    model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in
+                                     torch.load(stage1_ckpt, map_location="cpu", weights_only=False)["model"].items()})
+    model.to(device).requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if lora:
+        for module in model.llm.modules():
+            if hasattr(module, "lora_A"):
+                module.lora_A.requires_grad_(True)
+                module.lora_B.requires_grad_(True)
+    else:
+        model.llm.requires_grad_(True)
+    model.llm.grad_checkpointing = grad_checkpointing
+    report = train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2,
+                         os.path.join(out_dir, "stage2"), sources, lora)
+    if lora and master:  # the adapters folded into the weights: a plain Llama directory to share or to train on
+        save_llama(merge_lora(model.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
+        print(f"LoRA merged into {os.path.join(out_dir, 'stage2', 'llm_merged')}")
+
+if dist.is_initialized():
+    dist.destroy_process_group()
