@@ -123,12 +123,13 @@ def force_last_boundary(boundaries):
     return torch.cat([boundaries[:, :-1], ones], 1)
 
 
-def pool_segments(x, boundaries):
+def pool_segments(x, boundaries, multiple=1):
     """Mean-pool contiguous segments of tokens; boundary i = 1 means token i ends its segment.
 
     x: B x N x D tokens, boundaries: B x N hard 0/1 (straight-through or plain), with the
     last token a boundary. Returns pooled B x S x D and valid B x S, padded to the
-    largest segment count S in the batch (padded rows are zero and not valid).
+    largest segment count in the batch rounded up to `multiple` (padded rows are zero
+    and not valid; a few fixed lengths keep GPU kernels aligned and their caches warm).
 
     The membership weights are built from `boundaries` through cumsum: their value is
     exactly 0/1, but their gradient reaches whatever produced the boundaries, so the
@@ -136,7 +137,7 @@ def pool_segments(x, boundaries):
     """
     segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
     num_segments = boundaries.sum(1)                            # B
-    S = int(num_segments.max())
+    S = -(-int(num_segments.max()) // multiple) * multiple  # the one host sync: the shape depends on it
     offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
     member = torch.where(offset == 0, 1 - offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
     weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
@@ -300,7 +301,9 @@ class VisionTransformer(nn.Module):
             boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
         elif boundaries is None:
             boundaries = eval_boundaries(logits)
-        pooled, valid = pool_segments(x[:, 1:], boundaries)    # B x S x D, B x S
+        # on GPU the padded length is rounded up to a multiple of 8: fewer distinct shapes, so
+        # cuDNN's attention plans (built once per shape, ~0.1 s each on an H100) are reused
+        pooled, valid = pool_segments(x[:, 1:], boundaries, multiple=8 if x.is_cuda else 1)  # B x S x D, B x S
         x = torch.cat([x[:, :1], pooled], 1)                   # B x (1+S) x D
         keep = torch.cat([valid.new_ones(len(x), 1), valid], 1)  # B x (1+S)
         attn_mask = keep[:, None, None, :]                     # B x 1 x 1 x (1+S): padding is never a key

@@ -263,3 +263,15 @@ def test_given_boundaries_replace_the_predicted_ones():
     boundaries = even_boundaries(2, N, 8)
     out = model(torch.randn(2, 3, size, size), boundaries=boundaries)
     assert torch.equal(out.boundaries, boundaries) and out.tokens.shape == (2, 8, 128) and out.valid.all()
+
+
+def test_pool_segments_rounds_padding_up_without_changing_results():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 4)
+    boundaries = force_last_boundary((torch.rand(3, 10) < 0.3).float())
+    pooled, valid = pool_segments(x, boundaries)
+    padded, padded_valid = pool_segments(x, boundaries, multiple=8)
+    assert padded.shape[1] % 8 == 0 and padded.shape[1] >= pooled.shape[1]
+    assert torch.equal(padded_valid[:, :valid.shape[1]], valid) and not padded_valid[:, valid.shape[1]:].any()
+    torch.testing.assert_close(padded[:, :pooled.shape[1]], pooled)
+    assert (padded[:, pooled.shape[1]:] == 0).all()

@@ -62,12 +62,12 @@ eval_data = ""              # JSON whose first answer is compared with the greed
 image_folder = ""           # image paths in the JSON are relative to it; empty = the built-in data's folder
 data_dir = "data"
 out_dir = ""                # empty = out/llava_c<compress>
-steps_stage0 = 400          # text pretraining of the tiny LLM
+steps_stage0 = 200          # text pretraining of the tiny LLM
 lr_stage0 = 2e-3
 epochs_stage1 = 1
 lr_stage1 = 1e-3
 epochs_stage2 = 1
-lr_stage2 = 2e-5
+lr_stage2 = 0.0             # 0 = LLaVA-1.5's 2e-5 (2e-4 with LoRA) for a pretrained --llm; 1e-3 for the tiny LLM of stage 0
 lora_r = 0                  # > 0: stage 2 trains LoRA adapters (and the projector) instead of the whole LLM
 lora_alpha = 16.0
 lora_dropout = 0.05
@@ -422,6 +422,7 @@ if stage not in ("all", "0", "1", "2"):
 if projector not in ("linear", "mlp2x_gelu"):
     die(f"--projector must be linear or mlp2x_gelu, got {projector!r}")
 lora = [lora_r, lora_alpha, lora_dropout] if lora_r > 0 else None
+lr_stage2 = lr_stage2 or (1e-3 if not llm else 2e-4 if lora else 2e-5)
 
 if generate:
     ckpt = ckpt or next((p for p in (os.path.join(out_dir, f"stage{s}", "ckpt.pt") for s in (2, 1)) if os.path.exists(p)), "")
