@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common import (CAPTION_TEMPLATES, CLASSES, all_reduce_sum, cosine_lr, die, image_transform, load_clip_checkpoint,
                     load_image, load_llama, load_weights_file, make_shape_image, parse_overrides, peak_memory_gb,
                     rng_state, save_checkpoint, save_llama, set_rng_state, setup_distributed, SYSTEM, TextTokenizer,
-                    tokenize_conversation, train_sentencepiece)
+                    tokenize_conversation, train_sentencepiece, VAL_SEED_OFFSET)
 from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, add_lora, load_clip_weights, make_config,
                    merge_lora)
 
@@ -187,7 +187,7 @@ def write_shapes_conversations(root, size, train_images=6000, val_images=300, se
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pretrain, instruct, val = [], [], []
-    for split, count, split_seed in (("train", train_images, seed), ("val", val_images, seed + 1_000_003)):
+    for split, count, split_seed in (("train", train_images, seed), ("val", val_images, seed + VAL_SEED_OFFSET)):
         rng = random.Random(split_seed)
         os.makedirs(os.path.join(tmp, "images", split))
         for i in range(count):
@@ -317,6 +317,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
         if step >= total_steps:
             return None
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
     context = max_length or model.llm.cfg.max_position_embeddings
 
     def write_checkpoint():
@@ -352,12 +353,17 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
                 out = ddp_model([x.to(device) for x in ids], [y.to(device) for y in labels],
                                 images.to(device) if images is not None else None, has_image, context)
                 logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
-                loss = F.cross_entropy(logits.flatten(0, 1), out.labels[:, 1:].flatten(), ignore_index=IGNORE)
+                targets = out.labels[:, 1:]                                 # B x L-1
+                # mean over supervised tokens; a batch whose answers were all truncated away gives 0, not NaN
+                loss = (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+                        / (targets != IGNORE).sum().clamp(min=1))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             t1 = time.perf_counter()
             if out.truncated and not warned and master:
@@ -508,7 +514,7 @@ if stage in ("all", "1"):
     model, tok = build_model(vision, llm_dir, None)
     model.to(device).requires_grad_(False)
     model.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
-    report = train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1,
+    train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1,
                          os.path.dirname(stage1_ckpt), sources, None)
 
 # ----------------------------------------------------------------------------- stage 2: projector + LLM (or LoRA)
@@ -529,7 +535,7 @@ if stage in ("all", "2"):
     else:
         model.llm.requires_grad_(True)
     model.llm.grad_checkpointing = grad_checkpointing
-    report = train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2,
+    train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2,
                          os.path.join(out_dir, "stage2"), sources, lora)
     if lora and master:  # the adapters folded into the weights: a plain Llama directory to share or to train on
         save_llama(merge_lora(model.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
