@@ -224,7 +224,7 @@ def records(out):
 
 def test_both_stages_two_ranks_compress_4_then_generate(setup):
     out = setup / "run"
-    result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4"], nproc=2)
+    result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4", "--grad_checkpointing"], nproc=2)
     assert "truncated" in result.stdout  # the 20x repeated question is longer than 100 tokens
     stage1, stage2 = records(out)
     assert (stage1["stage"], stage1["step"], stage2["stage"], stage2["step"]) == (1, 3, 2, 3)
@@ -248,7 +248,8 @@ def test_both_stages_two_ranks_compress_4_then_generate(setup):
 
 def test_missing_image_is_skipped_and_counted_then_resume(setup):
     out = setup / "resume"
-    args = common_args(setup, out) + ["--stage", "1", "--batch_size", "26", "--epochs_stage1", "3"]  # 1 step an epoch
+    args = common_args(setup, out) + ["--stage", "1", "--batch_size", "26", "--epochs_stage1", "3", "--projector", "linear"]
+    # 26 entries in a batch of 26: one step an epoch
     run(args + ["--max_steps", "2"])
     assert [r["skipped_samples"] for r in records(out)] == [1, 1]
     result = run(args + ["--resume"])
