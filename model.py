@@ -475,7 +475,7 @@ LLAMA_CONFIGS = {
                                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
     "SmolLM2-135M": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                 num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                                rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+                                rope_theta=100000.0, tie_word_embeddings=True),
     # trained from scratch on the built-in data in a minute on a 2-core CPU
     "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

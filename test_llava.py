@@ -62,6 +62,14 @@ def test_hugging_face_llama_gives_the_same_logits(variant, tmp_path, tokenizer_f
         torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,parameters", [("vicuna-7b", 6_738_415_616), ("TinyLlama-1.1B", 1_100_048_384),
+                                             ("SmolLM2-135M", 134_515_008)])
+def test_named_llama_configs_have_the_published_sizes(name, parameters):
+    with torch.device("meta"):  # shapes only, no memory
+        llm = Llama(LLAMA_CONFIGS[name])
+    assert sum(p.numel() for p in llm.parameters()) == parameters
+
+
 def test_llama_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     result = subprocess.run([sys.executable, "-c", f"from common import load_llama; load_llama({str(tmp_path)!r})"],
