@@ -133,13 +133,20 @@ def pool_segments(x, boundaries, multiple=1):
 
     The membership weights are built from `boundaries` through cumsum: their value is
     exactly 0/1, but their gradient reaches whatever produced the boundaries, so the
-    task loss trains the boundary predictor (as in Dynamic Token Pooling).
+    task loss trains the boundary predictor. Dynamic Token Pooling writes token i's weight
+    in its segment s as 1 - (s - seg_i); here it is 1 + (s - seg_i), the same value with
+    the opposite gradient. Raising b_j for a patch j inside a segment cuts the segment
+    after j, which takes the patches after j *out* of it: with 1 + (s - seg_i) their
+    weight in it goes down, as the cut does, where DTP's form raises it. The gradient of
+    b_j is then that of fading the segment's tail out of its mean (tested). On the
+    shapes data DTP's sign left boundaries off the object, this one puts them on it
+    (README, "Where DRIP cuts").
     """
     segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
     num_segments = boundaries.sum(1)                            # B
     S = -(-int(num_segments.max()) // multiple) * multiple  # the one host sync: the shape depends on it
     offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
-    member = torch.where(offset == 0, 1 - offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
+    member = torch.where(offset == 0, 1 + offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
     weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
     pooled = torch.einsum("bnd,bns->bsd", x, weights.to(x.dtype))  # B x S x D
     valid = torch.arange(S, device=x.device) < num_segments.unsqueeze(1)  # B x S

@@ -61,6 +61,31 @@ def test_pool_segments_passes_gradient_to_boundaries():
     assert logits.grad.abs().sum() > 0
 
 
+def test_boundary_gradient_is_that_of_cutting_the_tail_out_of_its_segment():
+    """d loss / d b_j = d loss / dt of fading the patches after j out of j's segment mean
+    (weights 1 - t), at t = 0; zero where b_j = 1 (segments after a boundary only shift)."""
+    torch.manual_seed(0)
+    N, D = 12, 5
+    x, w = torch.randn(1, N, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
+    marks = torch.tensor([[0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 1]], dtype=torch.float64)
+    boundaries = marks.clone().requires_grad_(True)
+    pooled, _ = pool_segments(x, boundaries)
+    (pooled[0] * w[:pooled.shape[1]]).sum().backward()
+    ends = marks[0].nonzero().flatten().tolist()
+    for j in range(N - 1):
+        if marks[0, j] == 1:
+            assert abs(boundaries.grad[0, j]) < 1e-12
+            continue
+        s = sum(1 for e in ends if e < j)                       # j's segment
+        start, end = (ends[s - 1] + 1 if s else 0), ends[s]
+        t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        weight = torch.ones(end - start + 1, dtype=torch.float64)
+        weight = torch.where(torch.arange(start, end + 1) > j, 1 - t, weight)
+        mean = (weight[:, None] * x[0, start:end + 1]).sum(0) / weight.sum()
+        (mean * w[s]).sum().backward()
+        torch.testing.assert_close(boundaries.grad[0, j], t.grad)
+
+
 def contrastive_loss(model, images, text):
     image_features, text_features, logit_scale, vision = model(images, text)
     logits = logit_scale * image_features @ text_features.t()
