@@ -7,8 +7,10 @@ raster order at those boundaries and each segment is mean-pooled into one token,
 the remaining blocks run on about 1/compress of the tokens. A binomial prior keeps
 the boundary rate near 1/compress. compress=1 is the plain ViT.
 
-The file also holds the CLIP text tower and the CLIP module; module and parameter
-names follow open_clip so that pretrained CLIP weights load by name.
+The file also holds the CLIP text tower and the CLIP module (module and parameter
+names follow open_clip, so pretrained CLIP weights load by name) and, for LLaVA, a
+Llama-style decoder (Hugging Face's names), LoRA, and the glue that feeds an image's
+valid segment tokens through a projector into the language model.
 
     from model import CLIP, make_config
     model = CLIP(make_config("ViT-B-16", compress=4))
