@@ -307,7 +307,8 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if checkpoint["stage"] != n or checkpoint["lora"] != lora or checkpoint["sources"] != sources:
             die(f"{ckpt_path} was written by another run (stage, LoRA or model paths differ); use another --out_dir")
-        model.load_state_dict(checkpoint["model"], strict=False)
+        if model.load_state_dict(checkpoint["model"], strict=False).unexpected_keys:  # the trained parts only
+            die(f"{ckpt_path} does not fit this model; use the same --projector/--lora_r or another --out_dir")
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
         if len(checkpoint["rng"]) == world_size:
@@ -440,7 +441,8 @@ if generate:
     for key in ("projector", "feature_layer", "vision_model", "compress", "quick_gelu"):
         globals()[key] = saved["run_config"][key]
     model, tok = build_model(saved["sources"]["vision"], saved["sources"]["llm"], saved["lora"])
-    model.load_state_dict(saved["model"], strict=False)
+    if model.load_state_dict(saved["model"], strict=False).unexpected_keys:  # it holds the trained parts only
+        die(f"{ckpt} does not fit the model its own run config describes")
     model.to(device).eval()
     turn = {"from": "human", "value": ("<image>\n" if image else "") + prompt}
     ids, _ = tokenize_conversation(tok, [turn])
