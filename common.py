@@ -1,6 +1,7 @@
 """Small helpers the scripts share: command-line overrides, DDP set-up, the LR schedule,
 peak memory, CLIP image preprocessing, checkpoint and weight loading (atomic saves),
-tokenizers (a BPE trained on captions, or CLIP's own), and the built-in shapes dataset.
+tokenizers (a BPE trained on captions, or CLIP's own), Hugging Face Llama directories
+and Vicuna's conversation template (for LLaVA), and the built-in shapes dataset.
 
 The scripts import this module and model.py, nothing else of the project.
 """
