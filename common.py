@@ -183,6 +183,16 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def all_rng_states():
+    """Every rank's RNG state, indexed by rank (a collective: call it on every rank), so that a
+    resumed run draws on each rank as the interrupted one would have."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

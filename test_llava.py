@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 

@@ -33,9 +33,9 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, builtin_shapes, cosine_lr, die, image_transform, load_image, load_tokenizer,
-                    load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint, set_rng_state,
-                    setup_distributed, tokenize, train_tokenizer)
+from common import (all_reduce_sum, all_rng_states, builtin_shapes, cosine_lr, die, image_transform, load_image,
+                    load_tokenizer, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
+                    set_rng_state, setup_distributed, tokenize, train_tokenizer)
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
@@ -294,11 +294,7 @@ train_step_model = torch.compile(ddp_model) if compile else ddp_model
 
 
 def write_checkpoint():
-    states = [None] * world_size
-    if dist.is_initialized():
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
+    states = all_rng_states()
     if master:
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "model_config": asdict(model_config), "run_config": config, "tokenizer": tok.to_str(),

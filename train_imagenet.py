@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, builtin_shapes, cosine_lr, die, image_transform,
-                    load_image, load_weights_file, parse_overrides, peak_memory_gb, rng_state, save_checkpoint,
+from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, all_rng_states, builtin_shapes, cosine_lr, die,
+                    image_transform, load_image, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
                     set_rng_state, setup_distributed)
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
@@ -291,10 +291,7 @@ def train_step(images, labels, step_lr):
 
 
 def write_checkpoint():
-    states = [rng_state()]  # every rank's RNG, so that a resumed run draws as the killed one would have
-    if dist.is_initialized():
-        states = [None] * world_size
-        dist.all_gather_object(states, rng_state())
+    states = all_rng_states()
     if master:
         save_checkpoint({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "model_config": asdict(model_config), "num_classes": num_classes, "run_config": config,

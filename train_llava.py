@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (CAPTION_TEMPLATES, CLASSES, all_reduce_sum, cosine_lr, die, image_transform, load_clip_checkpoint,
-                    load_image, load_llama, load_weights_file, make_shape_image, parse_overrides, peak_memory_gb,
-                    rng_state, save_checkpoint, save_llama, set_rng_state, setup_distributed, SYSTEM, TextTokenizer,
-                    tokenize_conversation, train_sentencepiece, VAL_SEED_OFFSET)
-from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, add_lora, load_clip_weights, make_config,
+from common import (CAPTION_TEMPLATES, CLASSES, SYSTEM, VAL_SEED_OFFSET, TextTokenizer, all_reduce_sum, all_rng_states,
+                    cosine_lr, die, image_transform, load_clip_checkpoint, load_image, load_llama, load_weights_file,
+                    make_shape_image, parse_overrides, peak_memory_gb, save_checkpoint, save_llama, set_rng_state,
+                    setup_distributed, tokenize_conversation, train_sentencepiece)
+from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, add_lora, load_clip_weights, make_config,
                    merge_lora)
 
 # -----------------------------------------------------------------------------
@@ -322,11 +322,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     context = max_length or model.llm.cfg.max_position_embeddings
 
     def write_checkpoint():
-        states = [None] * world_size
-        if dist.is_initialized():
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
+        states = all_rng_states()
         if master:
             save_checkpoint({"model": trainable_state(model), "optimizer": optimizer.state_dict(), "step": step,
                              "stage": n, "lora": lora, "sources": sources, "run_config": config, "rng": states},
