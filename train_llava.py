@@ -42,7 +42,7 @@ from common import (CAPTION_TEMPLATES, CLASSES, SYSTEM, VAL_SEED_OFFSET, TextTok
                     cosine_lr, die, image_transform, load_clip_checkpoint, load_image, load_llama, load_weights_file,
                     make_shape_image, parse_overrides, peak_memory_gb, save_checkpoint, save_llama, set_rng_state,
                     setup_distributed, tokenize_conversation, train_sentencepiece)
-from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, add_lora, load_clip_weights, make_config,
+from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, load_clip_weights, make_config,
                    merge_lora)
 
 # -----------------------------------------------------------------------------
@@ -512,8 +512,8 @@ if stage in ("all", "1"):
     model, tok = build_model(vision, llm_dir, None)
     model.to(device).requires_grad_(False)
     model.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
-    train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1,
-                         os.path.dirname(stage1_ckpt), sources, None)
+    train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1, os.path.dirname(stage1_ckpt),
+                sources, None)
 
 # ----------------------------------------------------------------------------- stage 2: projector + LLM (or LoRA)
 
@@ -521,20 +521,23 @@ if stage in ("all", "2"):
     if not os.path.exists(stage1_ckpt):
         die(f"stage 2 starts from the projector of stage 1, and {stage1_ckpt} does not exist; run --stage 1 first")
     model, tok = build_model(vision, llm_dir, lora)
-    model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in
-                                     torch.load(stage1_ckpt, map_location="cpu", weights_only=False)["model"].items()})
+    stage1_weights = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)["model"]
+    try:
+        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in stage1_weights.items()})
+    except RuntimeError:
+        die(f"{stage1_ckpt} holds another projector than --projector {projector}; use the one stage 1 was run with")
     model.to(device).requires_grad_(False)
     model.projector.requires_grad_(True)
     if lora:
         for module in model.llm.modules():
-            if hasattr(module, "lora_A"):
+            if isinstance(module, LoRALinear):
                 module.lora_A.requires_grad_(True)
                 module.lora_B.requires_grad_(True)
     else:
         model.llm.requires_grad_(True)
     model.llm.grad_checkpointing = grad_checkpointing
-    train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2,
-                         os.path.join(out_dir, "stage2"), sources, lora)
+    train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2, os.path.join(out_dir, "stage2"),
+                sources, lora)
     if lora and master:  # the adapters folded into the weights: a plain Llama directory to share or to train on
         save_llama(merge_lora(model.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
         print(f"LoRA merged into {os.path.join(out_dir, 'stage2', 'llm_merged')}")
