@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import tarfile
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -98,6 +99,16 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast_context(device, dtype, choices=("bfloat16", "float32")):
+    """--dtype -> (the dtype name, an autocast context). "auto" is bfloat16 on GPU and float32
+    on CPU; float32 runs without autocast."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in choices:
+        die(f"--dtype must be auto or one of {', '.join(choices)}, got {dtype!r}")
+    return dtype, (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
 
 
 def all_reduce_sum(values, device):

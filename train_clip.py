@@ -20,7 +20,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 
@@ -33,8 +32,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, all_rng_states, builtin_shapes, cosine_lr, die, image_transform, load_image,
-                    load_tokenizer, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
+from common import (all_reduce_sum, all_rng_states, autocast_context, builtin_shapes, cosine_lr, die, image_transform,
+                    load_image, load_tokenizer, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
                     set_rng_state, setup_distributed, tokenize, train_tokenizer)
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 
@@ -197,9 +196,7 @@ rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)
-if dtype == "auto":
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+dtype, autocast = autocast_context(device, dtype)
 out_dir = out_dir or f"out/clip_{model}_c{compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 

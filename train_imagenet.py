@@ -19,7 +19,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -34,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, all_rng_states, builtin_shapes, cosine_lr, die,
-                    image_transform, load_image, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
-                    set_rng_state, setup_distributed)
+from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, all_rng_states, autocast_context, builtin_shapes, cosine_lr,
+                    die, image_transform, load_image, load_weights_file, parse_overrides, peak_memory_gb,
+                    save_checkpoint, set_rng_state, setup_distributed)
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
@@ -190,9 +189,7 @@ rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)
-if dtype == "auto":
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+dtype, autocast = autocast_context(device, dtype)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
 # the model configuration: from a train_clip.py checkpoint, else from --model/--compress

@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,10 +37,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (CAPTION_TEMPLATES, CLASSES, SYSTEM, VAL_SEED_OFFSET, TextTokenizer, all_reduce_sum, all_rng_states,
-                    cosine_lr, die, image_transform, load_clip_checkpoint, load_image, load_llama, load_weights_file,
-                    make_shape_image, parse_overrides, peak_memory_gb, save_checkpoint, save_llama, set_rng_state,
-                    setup_distributed, tokenize_conversation, train_sentencepiece)
+from common import (CAPTION_TEMPLATES, CLASSES, SYSTEM, VAL_SEED_OFFSET, TextTokenizer, all_reduce_sum,
+                    all_rng_states, autocast_context, cosine_lr, die, image_transform, load_clip_checkpoint,
+                    load_image, load_llama, load_weights_file, make_shape_image, parse_overrides, peak_memory_gb,
+                    save_checkpoint, save_llama, set_rng_state, setup_distributed, tokenize_conversation,
+                    train_sentencepiece)
 from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, load_clip_weights, make_config,
                    merge_lora)
 
@@ -413,11 +413,7 @@ rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed)  # the same initial weights on every rank
-if dtype == "auto":
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-if dtype not in ("bfloat16", "float16", "float32"):
-    die(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
+dtype, autocast = autocast_context(device, dtype, ("bfloat16", "float16", "float32"))
 out_dir = out_dir or f"out/llava_c{compress:g}"
 vision = vision or f"out/clip_tiny_c{compress:g}/ckpt.pt"
 if stage not in ("all", "0", "1", "2"):
