@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from common import image_transform, load_clip_checkpoint, load_image
+from common import load_clip_checkpoint
+from data import image_transform, load_image
 from model import CLIP, CLIPConfig, even_boundaries, image_tower_macs, make_config
 
 

@@ -12,7 +12,8 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from common import SYSTEM, image_transform, load_llama, make_shape_image, save_llama, tokenize_conversation, train_sentencepiece, TextTokenizer
+from data import image_transform, make_shape_image
+from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
 from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, make_config,
                    merge_lora)
 

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from common import clip_tokenizer, tokenize
+from text import clip_tokenizer, tokenize
 from model import CLIP, load_clip_weights, make_config, resize_positional_embedding
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from common import write_shapes_dataset
+from data import write_shapes_dataset
 from model import make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from common import write_shapes_dataset
+from data import write_shapes_dataset
 from model import CLIP, make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

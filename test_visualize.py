@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import make_shape_image
+from data import make_shape_image
 from model import CLIP, make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -32,9 +32,10 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, all_rng_states, autocast_context, builtin_shapes, cosine_lr, die, image_transform,
-                    load_image, load_tokenizer, load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint,
-                    set_rng_state, setup_distributed, tokenize, train_tokenizer)
+from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
+                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
+from data import builtin_shapes, image_transform, load_image
+from text import load_tokenizer, tokenize, train_tokenizer
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------

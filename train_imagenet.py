@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (CLIP_MEAN, CLIP_STD, all_reduce_sum, all_rng_states, autocast_context, builtin_shapes, cosine_lr,
-                    die, image_transform, load_image, load_weights_file, parse_overrides, peak_memory_gb,
-                    save_checkpoint, set_rng_state, setup_distributed)
+from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
+                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
+from data import CLIP_MEAN, CLIP_STD, builtin_shapes, image_transform, load_image
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------

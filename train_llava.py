@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (CAPTION_TEMPLATES, CLASSES, SYSTEM, VAL_SEED_OFFSET, TextTokenizer, all_reduce_sum,
-                    all_rng_states, autocast_context, cosine_lr, die, image_transform, load_clip_checkpoint,
-                    load_image, load_llama, load_weights_file, make_shape_image, parse_overrides, peak_memory_gb,
-                    save_checkpoint, save_llama, set_rng_state, setup_distributed, tokenize_conversation,
-                    train_sentencepiece)
+from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_clip_checkpoint,
+                    load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state,
+                    setup_distributed)
+from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
+from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
 from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, load_clip_weights, make_config,
                    merge_lora)
 

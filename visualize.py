@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from common import CLASSES, VAL_SEED_OFFSET, die, image_transform, load_clip_checkpoint, load_image, make_shape_image
+from common import die, load_clip_checkpoint
+from data import CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 
 CELL = 48  # pixels per patch in the drawing
 

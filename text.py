@@ -1,0 +1,205 @@
+"""Text: tokenizers for the CLIP text tower (a BPE trained on captions, or CLIP's own),
+and for LLaVA a language model's tokenizer, Hugging Face Llama directories (load and
+save), an offline sentencepiece trainer and Vicuna's conversation template.
+"""
+import gzip
+import io
+import json
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from common import die, load_weights_file, save_checkpoint
+from model import IGNORE, IMAGE_TOKEN, Llama, llama_config_from_hf, load_llama_state_dict
+# -----------------------------------------------------------------------------
+# Tokenizers: a BPE trained on captions, or CLIP's own
+
+def byte_level_tokenizer(bpe):
+    """CLIP's text normalisation and word split around a byte-level BPE model."""
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    # CLIP's word split, then bytes mapped to printable characters
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"), "removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def finish_tokenizer(tok, start, end, context_length):
+    """Start/end-of-text tokens around every text, truncation to the context, zero padding."""
+    tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
+                                                       special_tokens=[(t, tok.token_to_id(t)) for t in (start, end)])
+    tok.enable_truncation(context_length)
+    tok.enable_padding(pad_id=0, length=context_length)
+    return tok
+
+
+def train_tokenizer(captions, vocab_size, context_length):
+    """A BPE trained on the captions; <pad> is id 0, as the text tower expects."""
+    tok = byte_level_tokenizer(models.BPE())
+    specials = ["<pad>", "<start_of_text>", "<end_of_text>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    return finish_tokenizer(tok, "<start_of_text>", "<end_of_text>", context_length)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's map from the 256 bytes to printable characters, as ByteLevel uses it."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))])}
+
+
+def clip_tokenizer(path, context_length):
+    """CLIP's own BPE from open_clip's bpe_simple_vocab_16e6.txt.gz, so token ids match pretrained towers."""
+    merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
+    tok = byte_level_tokenizer(bpe)
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    return finish_tokenizer(tok, "<|startoftext|>", "<|endoftext|>", context_length)
+
+
+def load_tokenizer(path, context_length):
+    try:
+        if path.endswith(".gz"):
+            return clip_tokenizer(path, context_length)
+        tok = Tokenizer.from_file(path)
+        tok.enable_truncation(context_length)
+        tok.enable_padding(pad_id=0, length=context_length)
+        return tok
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        die(f"cannot read tokenizer {path} ({e}); give a tokenizer.json or CLIP's bpe_simple_vocab_16e6.txt.gz")
+
+
+def tokenize(tok, texts):
+    return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)  # B x context_length
+
+
+# -----------------------------------------------------------------------------
+# Language models for LLaVA: Hugging Face Llama directories and their tokenizers
+
+class TextTokenizer:
+    """A language model's tokenizer: sentencepiece's tokenizer.model or a tokenizers tokenizer.json.
+
+    encode() adds no special tokens; the conversation template places bos and eos itself.
+    """
+
+    def __init__(self, path, bos_token_id, eos_token_id):
+        self.path, self.bos_token_id, self.eos_token_id = path, bos_token_id, eos_token_id
+        if path.endswith(".model"):
+            import sentencepiece
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        else:
+            self.hf = Tokenizer.from_file(path)
+            self.hf.no_padding()
+            self.hf.no_truncation()
+
+    def encode(self, text):
+        if hasattr(self, "sp"):  # sentencepiece adds its own leading "▁": drop one space so it is not doubled
+            return self.sp.encode(text[1:] if text.startswith(" ") else text)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.sp.decode(ids) if hasattr(self, "sp") else self.hf.decode(ids)
+
+    def __getstate__(self):  # data loader workers reopen the file
+        return {"path": self.path, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["bos_token_id"], state["eos_token_id"])
+
+
+def load_llama(path):
+    """A Hugging Face Llama-family directory (config.json, *.safetensors or pytorch_model*.bin,
+    sharded or not, tokenizer.model or tokenizer.json) -> (Llama, TextTokenizer)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        die(f"{path} is not a Hugging Face model directory (no config.json)")
+    with open(os.path.join(path, "config.json")) as f:
+        try:
+            cfg = llama_config_from_hf(json.load(f))
+        except ValueError as e:
+            die(f"{path}: {e}")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) or \
+        sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not files:
+        die(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    state_dict = {}
+    for file in files:  # every shard of a sharded checkpoint
+        state_dict.update(load_weights_file(os.path.join(path, file)))
+    llm = Llama(cfg)
+    try:
+        load_llama_state_dict(llm, state_dict)
+    except ValueError as e:
+        die(f"{path}: weights do not fit its config.json ({e})")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            return llm, TextTokenizer(os.path.join(path, name), cfg.bos_token_id, cfg.eos_token_id)
+    die(f"{path} has no tokenizer.model or tokenizer.json")
+
+
+def save_llama(llm, tokenizer_path, path):
+    """Write `llm` as a Hugging Face Llama directory that load_llama (and transformers) can read."""
+    os.makedirs(path, exist_ok=True)
+    cfg = asdict(llm.cfg)
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+               head_dim=llm.cfg.dim_per_head, rope_scaling=llm.cfg.rope_scaling)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_checkpoint({"model." + k if not k.startswith("lm_head") else k: v.contiguous()
+                     for k, v in llm.state_dict().items()}, os.path.join(path, "pytorch_model.bin"))
+    if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(path, os.path.basename(tokenizer_path))):
+        shutil.copy(tokenizer_path, path)
+
+
+def train_sentencepiece(texts, vocab_size, path):
+    """A BPE tokenizer.model trained offline on `texts`, with Llama's ids: unk 0, bos 1, eos 2."""
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                             model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+                                             pad_id=-1, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+# Vicuna v1's conversation template, as LLaVA-1.5 uses it
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def encode_with_image(tok, text):
+    """Token ids of text, with IMAGE_TOKEN where "<image>" stood."""
+    ids = []
+    for i, piece in enumerate(text.split("<image>")):
+        if i:
+            ids.append(IMAGE_TOKEN)
+        if piece.strip():
+            ids += tok.encode(piece)
+    return ids
+
+
+def tokenize_conversation(tok, turns):
+    """Vicuna v1: "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>".
+
+    turns: LLaVA's [{"from": "human", "value": ...}, {"from": "gpt", ...}, ...]. Returns ids
+    and labels (1-D LongTensors): labels are the ids on each answer and its </s>, IGNORE on
+    the system prompt and the user's turns. Pieces are tokenized one by one, so the mask
+    is exact. Ending on a user turn gives a prompt to generate from.
+    """
+    ids, labels = [tok.bos_token_id], [IGNORE]
+    for i in range(0, len(turns), 2):
+        question = (SYSTEM + " " if i == 0 else "") + "USER: " + turns[i]["value"] + " ASSISTANT:"
+        q = encode_with_image(tok, question)
+        ids, labels = ids + q, labels + [IGNORE] * len(q)
+        if i + 1 < len(turns):
+            a = tok.encode(" " + turns[i + 1]["value"]) + [tok.eos_token_id]
+            ids, labels = ids + a, labels + a
+    return torch.tensor(ids), torch.tensor(labels)
