@@ -66,6 +66,11 @@ class CLIPConfig:
 CONFIGS = {
     "ViT-B-32": CLIPConfig(patch_size=32),
     "ViT-B-16": CLIPConfig(patch_size=16),
+    # LLaVA-1.5's image tower is ViT-L/14 at 336 px: 24 x 24 = 576 patch tokens into the LLM
+    "ViT-L-14": CLIPConfig(embed_dim=768, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096,
+                           text_width=768, text_heads=12),
+    "ViT-L-14-336": CLIPConfig(embed_dim=768, image_size=336, patch_size=14, width=1024, layers=24, heads=16,
+                               mlp_dim=4096, text_width=768, text_heads=12),
     # trains in minutes on a 2-core CPU: 6x6 patches of 8 px
     "tiny": CLIPConfig(embed_dim=128, image_size=48, patch_size=8, width=128, layers=4, heads=4,
                        mlp_dim=512, pre_layers=1, context_length=32, vocab_size=1024,

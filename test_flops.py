@@ -14,11 +14,16 @@ from flops import ImageTower, TextTower, fvcore_macs, text_tower_macs
 from model import CLIP, even_boundaries, image_tower_macs, make_config
 
 
-def formula(image_size, patch, width=768, layers=12, tokens=None):
-    """12*N*D^2 + 2*N^2*D per layer plus the patch embedding (DESIGN.md section 3), final projection to 512."""
+def formula(image_size, patch, width=768, layers=12, embed_dim=512):
+    """12*N*D^2 + 2*N^2*D per layer plus the patch embedding (DESIGN.md section 3), final projection to embed_dim."""
     N = (image_size // patch) ** 2
     L = N + 1
-    return N * 3 * patch * patch * width + layers * (12 * L * width ** 2 + 2 * L * L * width) + width * 512
+    return N * 3 * patch * patch * width + layers * (12 * L * width ** 2 + 2 * L * L * width) + width * embed_dim
+
+
+@pytest.mark.parametrize("name,image_size", [("ViT-L-14", 224), ("ViT-L-14-336", 336)])
+def test_analytic_count_of_the_large_towers(name, image_size):
+    assert image_tower_macs(make_config(name)) == formula(image_size, 14, 1024, 24, 768)
 
 
 @pytest.mark.parametrize("name,patch,published", [("ViT-B-32", 32, 4.41), ("ViT-B-16", 16, 17.56)])

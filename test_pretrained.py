@@ -34,6 +34,36 @@ def test_open_clip_weights_give_the_same_embeddings(name, quick_gelu):
         torch.testing.assert_close(ours.encode_text(text), reference.encode_text(text), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ViT-L-14", "ViT-L-14-336"])
+def test_named_configs_match_open_clip(name):
+    """The fields open_clip's model config JSON sets (heads and mlp from its defaults: 64 per head, mlp ratio 4)."""
+    reference = open_clip.get_model_config(name)
+    vision, text, ours = reference["vision_cfg"], reference["text_cfg"], make_config(name)
+    assert (ours.embed_dim, ours.image_size, ours.patch_size, ours.width, ours.layers) == (
+        reference["embed_dim"], vision["image_size"], vision["patch_size"], vision["width"], vision["layers"])
+    assert (ours.heads, ours.mlp_dim) == (vision["width"] // vision.get("head_width", 64), int(vision.get("mlp_ratio", 4.0) * vision["width"]))
+    assert (ours.context_length, ours.vocab_size, ours.text_width, ours.text_heads, ours.text_layers) == (
+        text["context_length"], text["vocab_size"], text["width"], text["heads"], text["layers"])
+
+
+def test_open_clip_vit_l_14_336_weights_give_the_same_embeddings():
+    """LLaVA-1.5's tower size (~430 M parameters with the text tower): one image, one text, to stay quick."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-L-14-336", pretrained=None).eval()
+    with torch.device("meta"):  # every weight is loaded below: skip the random initialisation (~15 s on 1 core)
+        ours = CLIP(make_config("ViT-L-14-336"))
+    ours = ours.to_empty(device="cpu").eval()
+    missing, unexpected = load_clip_weights(ours, reference.state_dict())
+    assert missing == [] and unexpected == []
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    images, text = torch.randn(1, 3, 336, 336), clip_text(1)
+    with torch.no_grad():
+        vision = ours.encode_image(images)
+        torch.testing.assert_close(vision.embedding, reference.encode_image(images), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.encode_text(text), reference.encode_text(text), atol=1e-4, rtol=1e-4)
+    assert vision.tokens.shape == (1, 576, 1024) and vision.valid.all()  # the 24 x 24 tokens LLaVA-1.5 reads
+
+
 def test_drip_loads_pretrained_blocks_and_starts_only_the_predictor_fresh():
     reference = open_clip.create_model("ViT-B-32", pretrained=None)
     state = {"module." + k: v for k, v in reference.state_dict().items()}  # as saved from DDP

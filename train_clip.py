@@ -40,7 +40,7 @@ from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_co
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
-model = "tiny"              # tiny | ViT-B-32 | ViT-B-16
+model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336
 compress = 1.0              # DRIP compression; 1 = plain ViT
 pre_layers = 0              # blocks before pooling; 0 = the model's default
 train_data = ""             # webdataset shards, e.g. 'shards/{00000..01023}.tar'; empty = built-in shapes

@@ -40,7 +40,7 @@ from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 # -----------------------------------------------------------------------------
 # defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
-model = "tiny"              # tiny | ViT-B-32 | ViT-B-16; a train_clip.py checkpoint given to --init sets it
+model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; a train_clip.py checkpoint given to --init sets it
 compress = 1.0
 data_dir = ""               # folder with train/ and val/ (ImageFolder); empty = built-in shapes
 train_data = ""             # or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'

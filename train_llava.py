@@ -49,7 +49,7 @@ from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lo
 # defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
 stage = "all"               # all (stage 0 if there is no --llm, then 1, then 2) | 0 | 1 | 2
 vision = ""                 # train_clip.py checkpoint, or open_clip weights with --vision_model; empty = out/clip_tiny_c<compress>/ckpt.pt
-vision_model = "tiny"       # the CLIP config open_clip weights fit (ignored for train_clip.py checkpoints)
+vision_model = "tiny"       # the CLIP config open_clip weights fit, e.g. ViT-L-14-336 (LLaVA-1.5's); ignored for train_clip.py checkpoints
 compress = 1.0              # DRIP compression of the default vision checkpoint / of open_clip weights
 quick_gelu = False          # with OpenAI's CLIP weights
 feature_layer = -2          # image tokens from this block (penultimate, LLaVA's choice), CLS dropped
