@@ -1,6 +1,6 @@
 """Process, flags and checkpoints, shared by every script: command-line overrides of the
-defaults block, DDP set-up, autocast, the LR schedule, peak memory, atomic checkpoints
-and weight files, RNG states.
+defaults block, DDP set-up, autocast, the LR schedule, peak memory, progress and time left
+for log lines, atomic checkpoints and weight files, RNG states.
 
 Images and the built-in data live in data.py; tokenizers, the conversation template and
 Hugging Face LLM folders in text.py.
@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -122,6 +123,49 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Progress:
+    """How far a training stage is, how fast it goes and when it will end, for log lines.
+
+    The percentage is of the stage's last step; throughput is measured since the previous
+    report; the time left extrapolates the wall time per step since the stage started (or
+    resumed), evaluations and data loading included.
+    """
+
+    def __init__(self, start_step, end_step, steps_per_epoch, unit="images"):
+        self.start, self.end, self.steps_per_epoch, self.unit = start_step, end_step, steps_per_epoch, unit
+        self.step, self.items = start_step, 0
+        self.t0 = self.t_last = time.perf_counter()
+
+    def plan(self):
+        """What will run, for the first line: steps and epochs, and where a resumed run starts."""
+        steps = self.end - self.start
+        resumed = f"from step {self.start} to {self.end}: " if self.start else ""
+        return f"{resumed}{steps} steps = {steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps"
+
+    def advance(self, items):
+        """One step done, processing `items` images (or tokens) over all ranks."""
+        self.step += 1
+        self.items += items
+
+    def report(self):
+        """e.g. "12.5% 245 images/s 3m05s left"; the throughput window restarts here."""
+        now = time.perf_counter()
+        rate = self.items / max(now - self.t_last, 1e-9)
+        left = (now - self.t0) / max(1, self.step - self.start) * (self.end - self.step)
+        self.items, self.t_last = 0, now
+        return f"{100 * self.step / self.end:.1f}% {rate:.0f} {self.unit}/s {format_duration(left)} left"
+
+
+def format_duration(seconds):
+    """3725 -> "1h02m", 185 -> "3m05s", 42 -> "42s"."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 # -----------------------------------------------------------------------------
