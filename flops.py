@@ -5,6 +5,7 @@ and with --bench the measured training-step time and memory, per compression.
     python flops.py --model ViT-B-16 --compress 1 4 --bench --batch_size 256 --device cuda
     python flops.py --model tiny --compress 1 4 --bench --batch_size 128          # CPU
     python flops.py --ckpt out/clip_tiny_c4/ckpt.pt --images data/shapes/val/red_star
+    python flops.py --model ViT-L-14-336 --compress 1 2 4 10 --llm_model vicuna-7b   # + LLaVA's LLM side
 
 fvcore counts one multiply-add as one flop, as DynamicViT, ToMe and timm tables do. It
 has no handle for F.scaled_dot_product_attention, so one is registered here (without
@@ -12,6 +13,12 @@ it the whole attention product is silently dropped, as in the seed README's tabl
 every op fvcore still skips is printed. For compress > 1 the count uses DynamicViT's
 convention: boundaries evenly spaced at exactly the target rate. With --ckpt and
 --images the model's own predicted boundaries are counted too, averaged over images.
+
+With --llm_model (a named Llama config or a Hugging Face directory's config.json) the
+LLaVA cost per image is added: the image tokens the language model reads (the valid
+segment tokens of --feature_layer, CLS dropped), the tower up to that layer, the
+projector, and the LLM prefill over those image tokens plus --prompt_tokens text tokens
+(all analytic; the LLM and projector formulas are checked against fvcore in the tests).
 """
 import argparse
 import json
@@ -21,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -30,7 +38,8 @@ from fvcore.nn.jit_handles import get_shape
 
 from common import load_clip_checkpoint
 from data import image_transform, load_image
-from model import CLIP, CLIPConfig, even_boundaries, image_tower_macs, make_config
+from model import (CLIP, LLAMA_CONFIGS, CLIPConfig, LlamaConfig, even_boundaries, image_tower_macs, llama_config_from_hf,
+                   make_config)
 
 
 def sdpa_macs(inputs, outputs):
@@ -122,6 +131,63 @@ def checkpoint_row(ckpt, image_dir, max_images, skipped):
             "target_rate": 1 / cfg.compress, "image_gflops_target_rate": image_tower_macs(cfg) / 1e9}
 
 
+# ----------------------------------------------------------------------------- the LLaVA side
+
+def llm_prefill_macs(cfg: LlamaConfig, length):
+    """Analytic multiply-adds of `Llama.forward` over `length` tokens (fvcore's "flop").
+
+    Per layer: the q and o projections (H x heads*d each), k and v (H x kv_heads*d each,
+    narrower under grouped-query attention), the SwiGLU MLP (three H x I matrices), and
+    Q K^T and A V over the full L x L (fvcore's count of a causal SDPA; a causal kernel
+    skips about half of it). Then the LM head at every position, as Llama.forward computes.
+    Norms, rotary positions and activations are elementwise and not counted.
+    """
+    H, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.dim_per_head, cfg.num_key_value_heads * cfg.dim_per_head
+    layer = length * (2 * H * q + 2 * H * kv + 3 * H * cfg.intermediate_size) + 2 * length * length * q
+    return cfg.num_hidden_layers * layer + length * H * cfg.vocab_size
+
+
+def projector_macs(width, hidden, projector, tokens):
+    """LLaVA's projector on `tokens` image tokens: linear (D x H) or mlp2x_gelu (D x H, then H x H)."""
+    return tokens * (width * hidden + (hidden * hidden if projector == "mlp2x_gelu" else 0))
+
+
+def llm_config(name_or_dir):
+    """A named Llama config (model.LLAMA_CONFIGS) or a Hugging Face directory's config.json."""
+    if name_or_dir in LLAMA_CONFIGS:
+        return LLAMA_CONFIGS[name_or_dir]
+    path = os.path.join(name_or_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--llm_model {name_or_dir} is neither a named config ({', '.join(LLAMA_CONFIGS)}) "
+                         "nor a directory with a config.json")
+    with open(path) as f:
+        return llama_config_from_hf(json.load(f))
+
+
+def llava_rows(model_name, compresses, pre_layers, llm_name, prompt_tokens, projector, feature_layer):
+    """Per image, for each compression: image tokens into the LLM and the analytic multiply-adds of
+    the tower up to `feature_layer`, the projector and the LLM prefill of prompt_tokens + image tokens."""
+    llm = llm_config(llm_name)
+    rows = []
+    for compress in compresses:
+        cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
+        N = (cfg.image_size // cfg.patch_size) ** 2
+        tokens = N if compress == 1 else max(1, round(N / compress))  # the target rate, as in the tower table
+        blocks = range(cfg.layers)[feature_layer] + 1                 # LLaVA stops the tower at its feature layer
+        tower = image_tower_macs(replace(cfg, layers=blocks), tokens) - cfg.width * cfg.embed_dim  # no ln_post / proj
+        rows.append({"model": model_name, "image_size": cfg.image_size, "compress": compress, "llm": llm_name,
+                     "image_tokens": tokens, "prompt_tokens": prompt_tokens,
+                     "tower_gflops": tower / 1e9,
+                     "projector_gflops": projector_macs(cfg.width, llm.hidden_size, projector, tokens) / 1e9,
+                     "llm_prefill_gflops": llm_prefill_macs(llm, prompt_tokens + tokens) / 1e9})
+        rows[-1]["total_gflops"] = rows[-1]["tower_gflops"] + rows[-1]["projector_gflops"] + rows[-1]["llm_prefill_gflops"]
+    base = rows[0] if rows[0]["compress"] == 1 else None
+    for row in rows:
+        row["llm_ratio"] = row["llm_prefill_gflops"] / base["llm_prefill_gflops"] if base else None
+        row["total_ratio"] = row["total_gflops"] / base["total_gflops"] if base else None
+    return rows
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup):
@@ -193,6 +259,12 @@ def main():
     parser.add_argument("--ckpt", help="a train_clip.py checkpoint: also count with its predicted boundaries")
     parser.add_argument("--images", help="folder of images for --ckpt")
     parser.add_argument("--max_images", type=int, default=50)
+    parser.add_argument("--llm_model", help="LLaVA's language model: a named Llama config (e.g. vicuna-7b) or a "
+                        "Hugging Face directory; adds the LLaVA cost per image")
+    parser.add_argument("--prompt_tokens", type=int, default=64, help="text tokens of the prompt besides the image: "
+                        "Vicuna's system prompt (~32), a short question and LLaVA-1.5's answer-format line")
+    parser.add_argument("--projector", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu")
+    parser.add_argument("--feature_layer", type=int, default=-2, help="the block LLaVA reads image tokens from")
     parser.add_argument("--bench", action="store_true", help="also time training steps and measure memory")
     parser.add_argument("--tower", choices=["image", "clip"], default="image")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -208,6 +280,8 @@ def main():
         parser.error("--ckpt and --images go together")
     try:
         make_config(args.model)
+        if args.llm_model:
+            llm_config(args.llm_model)
     except ValueError as e:
         parser.error(str(e))
 
@@ -215,6 +289,9 @@ def main():
     result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped)}
     if args.ckpt:
         result["checkpoint"] = checkpoint_row(args.ckpt, args.images, args.max_images, skipped)
+    if args.llm_model:
+        result["llava"] = llava_rows(args.model, args.compress, args.pre_layers, args.llm_model, args.prompt_tokens,
+                                     args.projector, args.feature_layer)
     if args.bench:
         device = torch.device(args.device)
         rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
@@ -230,18 +307,29 @@ def main():
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{'model':10} {'compress':>8} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
+    print(f"{'model':12} {'compress':>8} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
           f"{'text':>6} {'pair':>7} {'pair speed-up ceiling':>21}")
     for r in result["flops"]:
         ratio = f"{r['image_ratio']:.2f}" if r["image_ratio"] else "-"
         ceiling = f"{r['pair_speedup_ceiling']:.2f}x" if r["pair_speedup_ceiling"] else "-"
-        print(f"{r['model']:10} {r['compress']:>8g} {r['tokens_after_pooling']:>6} {r['image_gflops_fvcore']:>12.3f} "
+        print(f"{r['model']:12} {r['compress']:>8g} {r['tokens_after_pooling']:>6} {r['image_gflops_fvcore']:>12.3f} "
               f"{r['image_gflops_analytic']:>9.3f} {ratio:>6} {r['text_gflops_fvcore']:>6.2f} {r['pair_gflops']:>7.2f} {ceiling:>21}")
     if args.ckpt:
         c = result["checkpoint"]
         print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "
               f"boundaries (rate {c['measured_rate']:.3f}, target {c['target_rate']:.3f}; "
               f"{c['image_gflops_target_rate']:.3f} at the target rate)")
+    if args.llm_model:
+        r0 = result["llava"][0]
+        print(f"\nLLaVA per image: {args.model} at {r0['image_size']} px, features of block {args.feature_layer}, "
+              f"{args.projector} projector, {args.llm_model} prefill of {args.prompt_tokens} text tokens + the image tokens")
+        print(f"{'compress':>8} {'image tokens':>12} {'tower':>7} {'projector':>9} {'LLM prefill':>11} {'ratio':>6} "
+              f"{'total':>8} {'ratio':>6}  (GFLOPs)")
+        for r in result["llava"]:
+            llm_ratio = f"{r['llm_ratio']:.2f}" if r["llm_ratio"] else "-"
+            total_ratio = f"{r['total_ratio']:.2f}" if r["total_ratio"] else "-"
+            print(f"{r['compress']:>8g} {r['image_tokens']:>12} {r['tower_gflops']:>7.1f} {r['projector_gflops']:>9.1f} "
+                  f"{r['llm_prefill_gflops']:>11.1f} {llm_ratio:>6} {r['total_gflops']:>8.1f} {total_ratio:>6}")
     if args.bench:
         memory = "peak GiB" if args.device.startswith("cuda") else "saved-activation GiB"
         print(f"\n{args.tower} tower training step, batch {args.batch_size}, {args.device}, "

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flops import ImageTower, TextTower, fvcore_macs, text_tower_macs
-from model import CLIP, even_boundaries, image_tower_macs, make_config
+from flops import ImageTower, TextTower, fvcore_macs, llm_prefill_macs, projector_macs, text_tower_macs
+from model import CLIP, LLAMA_CONFIGS, Llama, LlamaConfig, LLaVA, even_boundaries, image_tower_macs, make_config
 
 
 def formula(image_size, patch, width=768, layers=12, embed_dim=512):
@@ -62,7 +62,8 @@ def test_text_tower_count():
 
 def test_cli_json_and_cpu_bench():
     result = subprocess.run([sys.executable, "flops.py", "--model", "tiny", "--compress", "1", "4", "--json",
-                             "--bench", "--batch_size", "8", "--steps", "2", "--warmup", "1"],
+                             "--bench", "--batch_size", "8", "--steps", "2", "--warmup", "1",
+                             "--llm_model", "tiny", "--prompt_tokens", "20"],
                             capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout)
@@ -71,6 +72,13 @@ def test_cli_json_and_cpu_bench():
     assert bench[0]["speedup"] == 1 and bench[1]["step_ms"] > 0
     assert bench[0]["valid_token_fraction"] == 1 and 0 < bench[1]["valid_token_fraction"] <= 1
     assert bench[1]["saved_activations_gib"] < bench[0]["saved_activations_gib"]
+    llava = out["llava"]
+    assert [r["image_tokens"] for r in llava] == [36, 9]  # 6 x 6 patches, then a quarter
+    assert llava[1]["llm_prefill_gflops"] * 1e9 == pytest.approx(llm_prefill_macs(LLAMA_CONFIGS["tiny"], 20 + 9))
+    # the tower stops at the penultimate block (3 of 4) and has no final projection
+    tower = image_tower_macs(make_config("tiny", compress=4, layers=3), 9) - 128 * 128
+    assert llava[1]["tower_gflops"] * 1e9 == pytest.approx(tower)
+    assert llava[0]["llm_ratio"] == 1 and 0 < llava[1]["total_ratio"] < 1
 
 
 def test_cli_counts_with_a_checkpoints_predicted_boundaries(tmp_path):
@@ -91,3 +99,35 @@ def test_cli_counts_with_a_checkpoints_predicted_boundaries(tmp_path):
     # the count follows the measured rate: the analytic formula at the measured segment count
     segments = round(row["measured_rate"] * 36)
     assert row["image_gflops_predicted"] * 1e9 == pytest.approx(image_tower_macs(cfg, segments), rel=0.01)
+
+
+# ----------------------------------------------------------------------------- the LLaVA side
+
+@pytest.mark.parametrize("cfg", [LLAMA_CONFIGS["tiny"],  # tied head, grouped-query attention
+                                 LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                                             num_attention_heads=6, num_key_value_heads=6, head_dim=24)])
+def test_llm_prefill_count_matches_fvcore(cfg):
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 75))
+    skipped = Counter()
+    counted = fvcore_macs(Llama(cfg), (ids,), skipped)
+    assert counted == pytest.approx(llm_prefill_macs(cfg, 75), rel=0.01)
+    assert "aten::scaled_dot_product_attention" not in skipped
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
+def test_projector_count_matches_fvcore(projector):
+    llava = LLaVA(CLIP(make_config("tiny")).visual, Llama(LLAMA_CONFIGS["tiny"]), projector)
+    counted = fvcore_macs(llava.projector, (torch.randn(1, 9, 128),), Counter())
+    assert counted == projector_macs(128, 128, projector, 9)
+
+
+def test_vicuna_prefill_per_token_is_its_matrix_parameters():
+    """Without attention, one token costs one multiply-add per weight of every matrix it passes
+    (all but the embedding table and the norms): an independent check at 7B scale."""
+    cfg = LLAMA_CONFIGS["vicuna-7b"]
+    with torch.device("meta"):
+        llm = Llama(cfg)
+    matrices = sum(p.numel() for n, p in llm.named_parameters() if "norm" not in n and "embed_tokens" not in n)
+    attention = cfg.num_hidden_layers * 2 * cfg.hidden_size  # 2 * L * L * heads * d at L = 1
+    assert llm_prefill_macs(cfg, 1) == matrices + attention
