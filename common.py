@@ -5,6 +5,8 @@ for log lines, atomic checkpoints and weight files, RNG states.
 Images and the built-in data live in data.py; tokenizers, the conversation template and
 Hugging Face LLM folders in text.py.
 """
+import ast
+import difflib
 import math
 import os
 import random
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import CLIP, CLIPConfig
+from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 def die(message):
     """Stop with one clear sentence instead of a traceback."""
@@ -28,26 +30,59 @@ def die(message):
 # nanoGPT-style configuration: module-level defaults, overridden by --key=value or --key value
 
 
-def parse_overrides(defaults, argv=None):
-    """Return a dict of the defaults with command-line overrides applied.
+def defaults_block(path):
+    """The defaults block of a script: its source lines from the `# defaults` comment to the
+    `config = parse_overrides(...)` line, and the names assigned there, in order."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("# defaults")), None)
+    end = next((i for i, line in enumerate(lines) if "parse_overrides(" in line and i > (start or 0)), None)
+    if start is None or end is None:
+        raise RuntimeError(f"{path} has no '# defaults' block ending in config = parse_overrides(globals())")
+    names = []
+    for node in ast.parse("\n".join(lines[start:end])).body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                names += [t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+    return lines[start:end], names
 
-    Types follow the defaults: `--compress 4` on a float default gives 4.0, a bool
-    accepts `--flag`, `--flag=true` and `--flag=false`.
+
+# flags renamed for one vocabulary across scripts (README, "Flags"): refused with the new name
+RENAMED = {"vision": "--init_from", "init": "--init_from", "vision_model": "--model", "shapes_dir": "--data_dir",
+           "generate": "sample_llava.py"}
+
+
+def parse_overrides(namespace, argv=None):
+    """Return a dict of the script's defaults with command-line overrides applied.
+
+    namespace is the calling script's globals(); the options are the names assigned in its
+    defaults block only (see defaults_block), so an imported constant is never an option.
+    --help prints that block with its comments. Types follow the defaults: `--compress 4`
+    on a float default gives 4.0, a bool accepts `--flag`, `--flag=true` and `--flag=false`.
     """
     argv = sys.argv[1:] if argv is None else argv
-    config = dict(defaults)
+    block, names = defaults_block(namespace["__file__"])
+    config = {k: namespace[k] for k in names}
+    if "--help" in argv or "-h" in argv:
+        doc = (namespace.get("__doc__") or "").strip().split("\n")[0]
+        print(f"{doc}\n\nusage: python {os.path.basename(namespace['__file__'])} [--key=value | --key value] ...\n")
+        print("\n".join(block))
+        raise SystemExit(0)
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            die(f"unexpected argument {arg!r}; options look like --key=value")
-        key, _, value = arg[2:].partition("=")
+            die(f"unexpected argument {arg!r}; options look like --key=value (--help lists them)")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in config and key in RENAMED:
+            die(f"--{key} is now {RENAMED[key]} (README, \"Flags\")")
         if key not in config:
-            die(f"unknown option --{key}; known options: {', '.join('--' + k for k in config)}")
+            close = difflib.get_close_matches(key, config, n=1)
+            die(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "; --help lists the options"))
         default = config[key]
-        if not _ and isinstance(default, bool):
+        if not has_value and isinstance(default, bool):
             value = "true"
-        elif not _:
+        elif not has_value:
             if i + 1 >= len(argv):
                 die(f"option --{key} needs a value")
             i += 1
@@ -66,9 +101,12 @@ def _convert(key, value, default):
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
     except ValueError:
-        expected = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+        expected = {bool: "true or false", int: "an integer", float: "a finite number"}[type(default)]
         die(f"--{key} expects {expected}, got {value!r}")
     return value
 
@@ -172,17 +210,39 @@ def format_duration(seconds):
 # Checkpoints and weight files
 
 
-def load_clip_checkpoint(path):
+def load_clip_checkpoint(path, checkpoint=None):
     """A train_clip.py checkpoint -> (CLIP model in eval mode, the checkpoint dict)."""
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}")
-    try:
+    if checkpoint is None:
+        if not os.path.isfile(path):
+            die(f"no checkpoint at {path}")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
         model = CLIP(CLIPConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except Exception as e:
         die(f"{path} is not a train_clip.py checkpoint ({type(e).__name__}: {e})")
     return model.eval(), checkpoint
+
+
+def load_image_tower(path, model_name="tiny", compress=1.0, quick_gelu=False, flag="--init_from"):
+    """The image tower of a train_clip.py checkpoint (built from its own config), or of
+    open_clip / OpenAI CLIP weights loaded into make_config(model_name, compress, quick_gelu).
+    Returns (tower, its CLIPConfig)."""
+    weights = load_weights_file(path)
+    if "model_config" in weights:
+        clip = load_clip_checkpoint(path, weights)[0]
+        return clip.visual, clip.cfg
+    clip = CLIP(make_config(model_name, compress=compress, quick_gelu=quick_gelu))
+    try:
+        missing, _ = load_clip_weights(clip, weights)
+    except ValueError as e:
+        die(f"{flag} {path}: {e}; choose the matching model")
+    tower_missing = [k for k in missing if k.startswith("visual.") and "boundary_predictor" not in k]
+    if tower_missing:
+        die(f"{flag} {path} lacks image tower weights ({tower_missing[0]}, ...)")
+    if compress > 1 and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: the boundary predictor of {path} is untrained; train the tower with train_clip.py --init_from first")
+    return clip.visual, clip.cfg
 
 
 def load_weights_file(path):
@@ -194,9 +254,12 @@ def load_weights_file(path):
             from safetensors.torch import load_file
             return load_file(path)
         weights = torch.load(path, map_location="cpu", weights_only=False)
-        return weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        weights = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
     except Exception as e:
         die(f"cannot read weights {path} ({type(e).__name__}: {e})")
+    if not isinstance(weights, dict):
+        die(f"{path} holds a {type(weights).__name__}, not a state dict or checkpoint")
+    return weights
 
 
 def save_checkpoint(checkpoint, path):

@@ -184,10 +184,10 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 
 # ----------------------------------------------------------------------------- train_llava.py end to end
 
-def run(args, nproc=1, check=True, timeout=300):
+def run(args, nproc=1, check=True, timeout=300, script="train_llava.py"):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    result = subprocess.run(launcher + [os.path.join(HERE, "train_llava.py")] + args, capture_output=True, text=True,
+    result = subprocess.run(launcher + [os.path.join(HERE, script)] + args, capture_output=True, text=True,
                             timeout=timeout, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -219,7 +219,7 @@ def setup(tmp_path_factory, tokenizer_file):
 
 
 def common_args(root, out):
-    return ["--vision", str(root / "clip.pt"), "--llm", str(root / "llm"), "--pretrain_data", str(root / "data.json"),
+    return ["--init_from", str(root / "clip.pt"), "--llm", str(root / "llm"), "--pretrain_data", str(root / "data.json"),
             "--instruct_data", str(root / "data.json"), "--eval_data", str(root / "eval.json"),
             "--image_folder", str(root / "images"), "--out_dir", str(out), "--batch_size", "4", "--workers", "0",
             "--log_every", "1", "--max_new_tokens", "3", "--max_length", "100"]
@@ -230,7 +230,7 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
-def test_both_stages_two_ranks_compress_4_then_generate(setup):
+def test_both_stages_two_ranks_compress_4_then_sample(setup):
     out = setup / "run"
     result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4", "--grad_checkpointing"], nproc=2)
     assert "truncated" in result.stdout  # the 20x repeated question is longer than 100 tokens
@@ -249,8 +249,8 @@ def test_both_stages_two_ranks_compress_4_then_generate(setup):
                            load_llama(str(setup / "llm"))[0].layers[0].self_attn.q_proj.weight)
 
     image = setup / "images" / "5.jpg"
-    answer = run(["--generate", "--out_dir", str(out), "--image", str(image), "--prompt", "What colour is the shape?",
-                  "--max_new_tokens", "3"])
+    answer = run(["--out_dir", str(out), "--image", str(image), "--prompt", "What colour is the shape?",
+                  "--max_new_tokens", "3"], script="sample_llava.py")
     assert answer.stdout.strip() == answer.stdout.strip().splitlines()[-1]  # one line: the answer
 
 

@@ -69,8 +69,7 @@ log_every = 20
 checkpoint_every = 200      # steps
 resume = False
 max_steps = 0               # stop after this many steps (0 = run all epochs); for tests and smoke runs
-config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
-                          isinstance(v, (int, float, str, bool))})
+config = parse_overrides(globals())
 globals().update(config)
 # -----------------------------------------------------------------------------
 

@@ -69,8 +69,7 @@ resume = False
 max_steps = 0               # stop after this many steps (0 = all epochs)
 lr_find = False             # learning-rate range test instead of training
 lr_find_steps = 100
-config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
-                          isinstance(v, (int, float, str, bool))})
+config = parse_overrides(globals())
 globals().update(config)
 # -----------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """LLaVA visual instruction tuning with a DRIP (or plain) CLIP image tower.
 
     python train_clip.py --compress 4 && python train_llava.py --compress 4   # built-in data, CPU, minutes
-    python train_llava.py --compress 4 --generate --image img.jpg --prompt "What colour is the shape?"
-    torchrun --nproc_per_node=8 train_llava.py --stage 1 --vision out/clip_ViT-B-16_c4/ckpt.pt \\
+    python sample_llava.py --out_dir out/llava_c4 --image img.jpg --prompt "What colour is the shape?"
+    torchrun --nproc_per_node=8 train_llava.py --stage 1 --init_from out/clip_ViT-B-16_c4/ckpt.pt \\
         --llm vicuna-7b-v1.5/ --pretrain_data blip_laion_cc_sbu_558k.json --image_folder LLaVA-Pretrain/images
-    torchrun --nproc_per_node=8 train_llava.py --stage 2 --vision ... --llm vicuna-7b-v1.5/ \\
+    torchrun --nproc_per_node=8 train_llava.py --stage 2 --init_from ... --llm vicuna-7b-v1.5/ \\
         --instruct_data llava_v1_5_mix665k.json --image_folder playground/data [--lora_r 128 --lora_alpha 256]
 
 Stage 1 trains only the projector on image-caption pairs (tower and LLM frozen, lr 1e-3);
@@ -37,20 +37,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_clip_checkpoint,
-                    load_weights_file, parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state,
-                    setup_distributed)
+from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_image_tower,
+                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
-from model import (CLIP, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, load_clip_weights, make_config,
-                   merge_lora)
+from model import IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
 stage = "all"               # all (stage 0 if there is no --llm, then 1, then 2) | 0 | 1 | 2
-vision = ""                 # train_clip.py checkpoint, or open_clip weights with --vision_model; empty = out/clip_tiny_c<compress>/ckpt.pt
-vision_model = "tiny"       # the CLIP config open_clip weights fit, e.g. ViT-L-14-336 (LLaVA-1.5's); ignored for train_clip.py checkpoints
-compress = 1.0              # DRIP compression of the default vision checkpoint / of open_clip weights
+init_from = ""              # the image tower: a train_clip.py checkpoint, or open_clip weights with --model; empty = out/clip_tiny_c<compress>/ckpt.pt
+model = "tiny"              # the CLIP config open_clip weights fit, e.g. ViT-L-14-336 (LLaVA-1.5's); a train_clip.py checkpoint brings its own
+compress = 0.0              # DRIP compression of the tower; 0 = the checkpoint's (1 for the default tower and open_clip weights)
 quick_gelu = False          # with OpenAI's CLIP weights
 feature_layer = -2          # image tokens from this block (penultimate, LLaVA's choice), CLS dropped
 projector = "mlp2x_gelu"    # mlp2x_gelu | linear
@@ -60,8 +58,8 @@ pretrain_data = ""          # stage 1 JSON (captions); empty = built-in shapes
 instruct_data = ""          # stage 2 JSON (conversations); empty = built-in shapes
 eval_data = ""              # JSON whose first answer is compared with the greedy answer; empty = built-in held-out set
 image_folder = ""           # image paths in the JSON are relative to it; empty = the built-in data's folder
-data_dir = "data"
-out_dir = ""                # empty = out/llava_c<compress>
+data_dir = "data"           # where the built-in data is written
+out_dir = ""                # empty = out/llava_c<the tower's compression>
 steps_stage0 = 200          # text pretraining of the tiny LLM
 lr_stage0 = 2e-3
 epochs_stage1 = 1
@@ -85,13 +83,8 @@ checkpoint_every = 200      # steps
 resume = False
 max_steps = 0               # per stage; 0 = all epochs (for tests and smoke runs)
 eval_samples = 0            # 0 = all of eval_data
-generate = False            # answer --prompt about --image with the newest stage checkpoint and exit
-image = ""
-prompt = ""
-ckpt = ""                   # for --generate; empty = out_dir/stage2/ckpt.pt (or stage1)
-max_new_tokens = 32
-config = parse_overrides({k: v for k, v in globals().items() if not k.startswith("_") and
-                          isinstance(v, (int, float, str, bool))})
+max_new_tokens = 32         # longest greedy answer in the evaluation
+config = parse_overrides(globals())
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -218,28 +211,8 @@ def write_shapes_conversations(root, size, train_images=6000, val_images=300, se
 
 # ----------------------------------------------------------------------------- model set-up
 
-def load_vision(path):
-    """The frozen image tower: from a train_clip.py checkpoint, or open_clip weights for --vision_model."""
-    if not os.path.isfile(path):
-        die(f"no CLIP image tower at {path}; run `python train_clip.py --compress {compress:g}` first, or give --vision")
-    weights = load_weights_file(path)
-    if "model_config" in weights:
-        return load_clip_checkpoint(path)[0].visual
-    clip = CLIP(make_config(vision_model, compress=compress, quick_gelu=quick_gelu))
-    try:
-        missing, _ = load_clip_weights(clip, weights)
-    except ValueError as e:
-        die(f"--vision {path}: {e}; choose the matching --vision_model")
-    if [k for k in missing if k.startswith("visual.") and "boundary_predictor" not in k]:
-        die(f"--vision {path} lacks image tower weights ({missing[0]}, ...)")
-    if compress > 1 and master:
-        print("warning: the boundary predictor of these open_clip weights is untrained; "
-              "train the tower with train_clip.py --init_from first")
-    return clip.visual
-
-
-def build_model(vision_path, llm_path, lora):
-    visual = load_vision(vision_path)
+def build_model(llm_path, lora):
+    """LLaVA around the frozen image tower (loaded once at set-up) and the LLM at llm_path."""
     language_model, tok = load_llama(llm_path)
     if lora:
         add_lora(language_model, *lora)
@@ -414,8 +387,6 @@ master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed)  # the same initial weights on every rank
 dtype, autocast = autocast_context(device, dtype, ("bfloat16", "float16", "float32"))
-out_dir = out_dir or f"out/llava_c{compress:g}"
-vision = vision or f"out/clip_tiny_c{compress:g}/ckpt.pt"
 if stage not in ("all", "0", "1", "2"):
     die(f"--stage must be all, 0, 1 or 2, got {stage!r}")
 if projector not in ("linear", "mlp2x_gelu"):
@@ -423,37 +394,21 @@ if projector not in ("linear", "mlp2x_gelu"):
 lora = [lora_r, lora_alpha, lora_dropout] if lora_r > 0 else None
 lr_stage2 = lr_stage2 or (1e-3 if not llm else 2e-4 if lora else 2e-5)
 
-if generate:
-    ckpt = ckpt or next((p for p in (os.path.join(out_dir, f"stage{s}", "ckpt.pt") for s in (2, 1)) if os.path.exists(p)), "")
-    if not ckpt or not os.path.exists(ckpt):
-        die(f"no LLaVA checkpoint under {out_dir}; run `python train_llava.py --compress {compress:g}` first or give --ckpt")
-    if not prompt:
-        die("--generate needs --prompt (and usually --image)")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    for key in ("projector", "feature_layer", "vision_model", "compress", "quick_gelu"):
-        globals()[key] = saved["run_config"][key]
-    model, tok = build_model(saved["sources"]["vision"], saved["sources"]["llm"], saved["lora"])
-    if model.load_state_dict(saved["model"], strict=False).unexpected_keys:  # it holds the trained parts only
-        die(f"{ckpt} does not fit the model its own run config describes")
-    model.to(device).eval()
-    turn = {"from": "human", "value": ("<image>\n" if image else "") + prompt}
-    ids, _ = tokenize_conversation(tok, [turn])
-    pixels = None
-    if image:
-        try:
-            pixels = image_transform(model.visual.cfg.image_size)(load_image(image))[None].to(device)
-        except OSError as e:
-            die(f"cannot read image {image} ({e})")
-    with autocast:
-        answer = model.generate([ids.to(device)], pixels, [bool(image)], max_new_tokens)[0]
-    print(tok.decode(answer).strip())
-    raise SystemExit(0)
+# the frozen image tower, and the names that follow from the configuration it actually has
+init_from = init_from or f"out/clip_tiny_c{compress or 1:g}/ckpt.pt"
+if not os.path.isfile(init_from):
+    die(f"no CLIP image tower at {init_from}; run `python train_clip.py --compress {compress or 1:g}` first, or give --init_from")
+visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick_gelu)
+if compress and compress != tower_config.compress:
+    die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
+config["compress"] = compress = tower_config.compress
+out_dir = config["out_dir"] = out_dir or f"out/llava_c{compress:g}"
 
 if any([pretrain_data, instruct_data, eval_data]) and not image_folder:
     die("--image_folder is required with --pretrain_data/--instruct_data/--eval_data")
 builtin = os.path.join(data_dir, "shapes_llava")
 if not (pretrain_data and instruct_data and eval_data):
-    visual_size = load_vision(vision).cfg.image_size
+    visual_size = tower_config.image_size
     if master:
         write_shapes_conversations(builtin, visual_size)
     if dist.is_initialized():
@@ -488,27 +443,27 @@ if stage == "0" or (stage == "all" and not llm and not (resume and os.path.exist
     cfg = LLAMA_CONFIGS[llm_model]
     language_model = Llama(cfg)
     tok = TextTokenizer(tok_path, cfg.bos_token_id, cfg.eos_token_id)
-    model = LLaVA(load_vision(vision), language_model, projector, feature_layer).to(device)
-    model.requires_grad_(False)
-    model.llm.requires_grad_(True)
-    model.llm.grad_checkpointing = grad_checkpointing
-    train_stage(0, model, tok, text_entries, folder, 0, lr_stage0, os.path.join(out_dir, "stage0"),
-                {"vision": vision, "llm": "scratch:" + llm_model}, None, total_steps=steps_stage0)
+    llava = LLaVA(visual, language_model, projector, feature_layer).to(device)
+    llava.requires_grad_(False)
+    llava.llm.requires_grad_(True)
+    llava.llm.grad_checkpointing = grad_checkpointing
+    train_stage(0, llava, tok, text_entries, folder, 0, lr_stage0, os.path.join(out_dir, "stage0"),
+                {"vision": init_from, "llm": "scratch:" + llm_model}, None, total_steps=steps_stage0)
     if master:
-        save_llama(model.llm, tok_path, llm_dir)
+        save_llama(llava.llm, tok_path, llm_dir)
         print(f"stage 0: tiny LLM written to {llm_dir}")
     if dist.is_initialized():
         dist.barrier()
 
 # ----------------------------------------------------------------------------- stage 1: the projector alone
 
-sources = {"vision": vision, "llm": llm_dir}
+sources = {"vision": init_from, "llm": llm_dir}
 stage1_ckpt = os.path.join(out_dir, "stage1", "ckpt.pt")
 if stage in ("all", "1"):
-    model, tok = build_model(vision, llm_dir, None)
-    model.to(device).requires_grad_(False)
-    model.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
-    train_stage(1, model, tok, pretrain_entries, folder, epochs_stage1, lr_stage1, os.path.dirname(stage1_ckpt),
+    llava, tok = build_model(llm_dir, None)
+    llava.to(device).requires_grad_(False)
+    llava.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
+    train_stage(1, llava, tok, pretrain_entries, folder, epochs_stage1, lr_stage1, os.path.dirname(stage1_ckpt),
                 sources, None)
 
 # ----------------------------------------------------------------------------- stage 2: projector + LLM (or LoRA)
@@ -516,26 +471,26 @@ if stage in ("all", "1"):
 if stage in ("all", "2"):
     if not os.path.exists(stage1_ckpt):
         die(f"stage 2 starts from the projector of stage 1, and {stage1_ckpt} does not exist; run --stage 1 first")
-    model, tok = build_model(vision, llm_dir, lora)
+    llava, tok = build_model(llm_dir, lora)
     stage1_weights = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)["model"]
     try:
-        model.projector.load_state_dict({k.removeprefix("projector."): v for k, v in stage1_weights.items()})
+        llava.projector.load_state_dict({k.removeprefix("projector."): v for k, v in stage1_weights.items()})
     except RuntimeError:
         die(f"{stage1_ckpt} holds another projector than --projector {projector}; use the one stage 1 was run with")
-    model.to(device).requires_grad_(False)
-    model.projector.requires_grad_(True)
+    llava.to(device).requires_grad_(False)
+    llava.projector.requires_grad_(True)
     if lora:
-        for module in model.llm.modules():
+        for module in llava.llm.modules():
             if isinstance(module, LoRALinear):
                 module.lora_A.requires_grad_(True)
                 module.lora_B.requires_grad_(True)
     else:
-        model.llm.requires_grad_(True)
-    model.llm.grad_checkpointing = grad_checkpointing
-    train_stage(2, model, tok, instruct_entries, folder, epochs_stage2, lr_stage2, os.path.join(out_dir, "stage2"),
+        llava.llm.requires_grad_(True)
+    llava.llm.grad_checkpointing = grad_checkpointing
+    train_stage(2, llava, tok, instruct_entries, folder, epochs_stage2, lr_stage2, os.path.join(out_dir, "stage2"),
                 sources, lora)
     if lora and master:  # the adapters folded into the weights: a plain Llama directory to share or to train on
-        save_llama(merge_lora(model.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
+        save_llama(merge_lora(llava.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
         print(f"LoRA merged into {os.path.join(out_dir, 'stage2', 'llm_merged')}")
 
 if dist.is_initialized():
