@@ -560,15 +560,24 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.heads * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """x: B x L x hidden. cache (generation only): this layer's (keys, values, positions), keys and
+        values B x KV x S x d for S slots, positions B x L the slots of x's tokens; the new keys and
+        values are written there and x attends to every cached slot up to its own."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)      # B x H x L x d
         k = self.k_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)   # B x KV x L x d
         v = self.v_proj(x).view(B, L, self.kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            keys, values, positions = cache
+            at = positions[:, None, :, None].expand_as(k)                   # B x KV x L x d
+            k, v = keys.scatter_(2, at, k.to(keys.dtype)), values.scatter_(2, at, v.to(values.dtype))  # B x KV x S x d
+            mask = torch.arange(keys.shape[2], device=x.device) <= positions[:, None, :, None]  # B x 1 x L x S: causal per row
         repeat = self.heads // self.kv_heads                                # key/value head j serves query heads j*repeat..
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # B x H x L x d
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # B x H x L|S x d
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -593,8 +602,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -612,18 +621,44 @@ class Llama(nn.Module):
         self.grad_checkpointing = False
         self.apply(init_weights)
 
-    def forward(self, input_ids=None, inputs_embeds=None):
-        """B x L token ids (or B x L x hidden embeddings) -> B x L x vocab logits."""
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None):
+        """B x L token ids (or B x L x hidden embeddings) -> B x L x vocab logits.
+
+        With a KVCache (generation), row b's tokens take positions cache.lengths[b] onwards,
+        their keys and values are kept, and cache.lengths grows by L.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = rope_cos_sin(self.cfg, x.shape[1], x.device)
+        L = x.shape[1]
+        if cache is None:
+            cos, sin = rope_cos_sin(self.cfg, L, x.device)                          # L x d
+        else:
+            positions = cache.lengths[:, None] + torch.arange(L, device=x.device)   # B x L
+            cos, sin = rope_cos_sin(self.cfg, cache.keys[0].shape[2], x.device)     # S x d
+            cos, sin = cos[positions][:, None], sin[positions][:, None]             # B x 1 x L x d
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for layer in self.layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, cos, sin, (cache.keys[i], cache.values[i], positions))
+            elif self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
+        if cache is not None:
+            cache.lengths = cache.lengths + L
         x = self.norm(x)
         return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+
+class KVCache:
+    """Every layer's keys and values for generation, B x KV x S x d each (S slots), and how many
+    tokens each row holds. Rows of a right-padded batch have their own lengths: a row's next
+    token goes to its own next slot, over whatever padding the prompt left there."""
+
+    def __init__(self, cfg: LlamaConfig, batch, slots, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, slots, cfg.dim_per_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
 
 def load_llama_state_dict(llm: Llama, state_dict):
@@ -772,26 +807,28 @@ class LLaVA(nn.Module):
     def generate(self, input_ids, images, has_image, max_new_tokens=32):
         """Greedy answers to a batch of prompts: B lists of new token ids, each ending before eos.
 
-        The whole right-padded sequence is run again for every new token (no KV cache):
-        simple, and cheap for short answers.
+        The right-padded prompts run once, filling a KV cache; each row then continues from
+        its own last token, one token per step for the whole batch.
         """
         cfg = self.llm.cfg
         labels = [torch.full_like(ids, IGNORE) for ids in input_ids]
         x, _, lengths, _, _ = self.build_inputs(input_ids, labels, images, has_image, cfg.max_position_embeddings)
         lengths = lengths.to(x.device)
         rows = torch.arange(len(x), device=x.device)
+        steps = min(max_new_tokens, cfg.max_position_embeddings - int(lengths.max()))  # positions left for the longest
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cache = KVCache(cfg, len(x), x.shape[1] + max(0, steps - 1), x.device, dtype)
+        logits = self.llm(inputs_embeds=x, cache=cache)[rows, lengths - 1]              # B x vocab: after each prompt
+        cache.lengths = lengths                                                       # rows continue from their own end
         answers = [[] for _ in input_ids]
         done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(max_new_tokens):
-            if int(lengths.max()) >= cfg.max_position_embeddings:
-                break
-            next_ids = self.llm(inputs_embeds=x)[rows, lengths - 1].argmax(-1)      # B
+        for step in range(steps):
+            next_ids = logits.argmax(-1)                                              # B
             done |= next_ids == cfg.eos_token_id
             if done.all():
                 break
-            x = F.pad(x, (0, 0, 0, 1))                                                # room for one more token
-            x[rows, lengths] = self.llm.embed_tokens(next_ids).to(x.dtype)
-            lengths += 1
             for b in (~done).nonzero().flatten().tolist():
                 answers[b].append(int(next_ids[b]))
+            if step + 1 < steps:
+                logits = self.llm(inputs_embeds=self.llm.embed_tokens(next_ids)[:, None].to(x.dtype), cache=cache)[:, 0]
         return answers

@@ -139,21 +139,31 @@ def test_only_valid_drip_tokens_reach_the_llm_and_labels_follow():
     assert y_cut[0].tolist() == [IGNORE] * (2 + n) + [IGNORE, 7]
 
 
-def test_generate_matches_step_by_step_argmax():
+def test_kv_cache_generation_matches_the_cache_free_loop():
+    """A right-padded batch of prompts of different lengths (image token counts differ too, one
+    prompt has no image) against re-running each whole sequence alone for every new token."""
     model = tiny_llava()
+    with torch.no_grad():  # larger weights: the small init answers by repeating the last token, whatever came before
+        for name, p in model.llm.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 1.0 if "embed" in name else 0.3)
     images = torch.randn(2, 3, 48, 48)
-    ids = [torch.tensor([1, IMAGE_TOKEN, 5, 6]), torch.tensor([1, 7, IMAGE_TOKEN])]
-    answers = model.generate(ids, images, [True, True], max_new_tokens=4)
-    for b in range(2):  # one sample at a time, the naive way
+    ids = [torch.tensor([1, IMAGE_TOKEN, 5, 6]), torch.tensor([1, 7, 8, 9, 10, 11, 12, 13, 14, 15]),
+           torch.tensor([1, 7, IMAGE_TOKEN])]
+    has_image = [True, False, True]
+    answers = model.generate(ids, images, has_image, max_new_tokens=8)
+    image_of = {0: images[0:1], 2: images[1:2]}
+    for b in range(3):
         sequence, expected = ids[b], []
-        for _ in range(4):
-            logits = model([sequence], [torch.full_like(sequence, IGNORE)], images[b:b + 1], [True], 256).logits
+        for _ in range(8):
+            logits = model([sequence], [torch.full_like(sequence, IGNORE)], image_of.get(b), [has_image[b]], 256).logits
             token = int(logits[0, -1].argmax())
             if token == model.llm.cfg.eos_token_id:
                 break
             expected.append(token)
             sequence = torch.cat([sequence, torch.tensor([token])])
-        assert answers[b] == expected
+        assert answers[b] == expected, f"prompt {b}"
+    assert all(len(a) == 8 for a in answers) and len({a[0] for a in answers}) == 3  # the cached steps ran for every row
 
 
 # ----------------------------------------------------------------------------- LoRA
