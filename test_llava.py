@@ -72,7 +72,7 @@ def test_named_llama_configs_have_the_published_sizes(name, parameters):
 
 def test_llama_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    result = subprocess.run([sys.executable, "-c", f"from common import load_llama; load_llama({str(tmp_path)!r})"],
+    result = subprocess.run([sys.executable, "-c", f"from text import load_llama; load_llama({str(tmp_path)!r})"],
                             capture_output=True, text=True, cwd=HERE)
     assert result.returncode != 0 and "only Llama-family checkpoints" in result.stderr
 
