@@ -3,6 +3,7 @@ LoRA, and train_llava.py end to end (both stages under a 2-rank torchrun with co
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,9 @@ def test_both_stages_two_ranks_compress_4_then_sample(setup):
     out = setup / "run"
     result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4", "--grad_checkpointing"], nproc=2)
     assert "truncated" in result.stdout  # the 20x repeated question is longer than 100 tokens
+    assert "stage 2: " in result.stdout and "3 steps = " in result.stdout.split("stage 2: ")[1].splitlines()[0]
+    assert re.search(r"^stage 2 step 3/3 100\.0% \d+ tokens/s 0s left loss ", result.stdout, re.M)
+    assert (out / "curves.png").exists()
     stage1, stage2 = records(out)
     assert (stage1["stage"], stage1["step"], stage2["stage"], stage2["step"]) == (1, 3, 2, 3)
     for r in (stage1, stage2):

@@ -3,6 +3,7 @@ corrupt shards, resume after a kill, and the one-line errors. Runs the script as
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,11 @@ def test_single_process_run_with_drip(data_dir, tmp_path):
     assert abs(last["train_boundary_rate"] - 0.25) < 0.1 and last["target_rate"] == 0.25
     assert last["boundary_loss"] > 0 and last["step_time_s"] > 0 and last["peak_memory_gb"] > 0
     assert "| tiny 4x comp |" in result.stdout
+    assert "40 steps = 2 epochs of 20 steps" in result.stdout.splitlines()[0]
+    progress = [re.match(r"step (\d+)/40 ([\d.]+)% \d+ images/s (\d+h\d\dm|\d+m\d\ds|\d+s) left loss ", line)
+                for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert all(progress) and [(m[1], m[2]) for m in progress[::39]] == [("1", "2.5"), ("40", "100.0")]
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert checkpoint["step"] == 40 and checkpoint["model_config"]["compress"] == 4
 

@@ -63,7 +63,7 @@ def test_lr_finder_writes_its_plot(setup, tmp_path):
     assert 1e-7 <= suggested <= 10
     from PIL import Image
     with Image.open(tmp_path / "lr_find.png") as plot:
-        assert plot.size == (520, 320)
+        assert plot.size == (640, 400)  # plots.plot_lr_find
 
 
 def test_resume_continues_at_saved_step(setup, tmp_path):

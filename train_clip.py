@@ -11,8 +11,9 @@ Without --train_data, a shapes dataset is written to data/shapes (webdataset sha
 training, an ImageFolder for zero-shot evaluation) and a BPE tokenizer is trained on its
 captions. Every epoch reports zero-shot top-1/top-5, the boundary rate against its
 target, step and data time, images/s and peak memory, to the console and to
-out_dir/metrics.jsonl. out_dir/ckpt.pt is written atomically every checkpoint_every
-steps and at the end; --resume continues from it.
+out_dir/metrics.jsonl, drawn at the end as out_dir/curves.png (plots.py); every log line
+shows the percentage done, images/s and the time left. out_dir/ckpt.pt is written
+atomically every checkpoint_every steps and at the end; --resume continues from it.
 """
 import io
 import json
@@ -32,11 +33,12 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
                     parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
 from data import builtin_shapes, image_transform, load_image
 from text import load_tokenizer, tokenize, train_tokenizer
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
+from plots import plot_curves
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
@@ -307,10 +309,11 @@ def log(record):
 
 # ----------------------------------------------------------------------------- training loop
 
+progress = Progress(step, min(total_steps, max_steps or total_steps), steps_per_epoch, "images")
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"{model_config.image_size}px {model} compress {compress:g}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
-          f"parameters, {world_size} rank(s), {steps_per_epoch} steps/epoch x {epochs} epochs, {device} {dtype}")
+          f"parameters, {world_size} rank(s), {progress.plan()}, {device} {dtype}", flush=True)
 target_rate = 1 / compress
 skipped_total = 0
 epoch_summary = {}
@@ -338,6 +341,7 @@ while step < total_steps and (not max_steps or step < max_steps):
         with torch.no_grad():
             raw_model.logit_scale.clamp_(0, math.log(100))
         step += 1
+        progress.advance(len(images) * world_size)
         skipped_total += skipped
         t_end = time.perf_counter()
         sums["steps"] += 1
@@ -347,9 +351,10 @@ while step < total_steps and (not max_steps or step < max_steps):
         sums["boundary"] += vision.aux_loss.detach()
         sums["rate"] += vision.boundary_rate
         if step % log_every == 0 and master:
-            print(f"step {step}/{total_steps} loss {loss.item():.4f} contrastive {contrastive.item():.4f} "
-                  f"boundary {vision.aux_loss.item():.4f} rate {vision.boundary_rate.item():.3f}/{target_rate:.3f} "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e} step {1000 * (t_end - t_data):.0f}ms"
+            print(f"step {step}/{progress.end} {progress.report()} loss {loss.item():.4f} "
+                  f"contrastive {contrastive.item():.4f} boundary {vision.aux_loss.item():.4f} "
+                  f"rate {vision.boundary_rate.item():.3f}/{target_rate:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"step {1000 * (t_end - t_data):.0f}ms"
                   + (f" skipped {skipped_total}" if skipped_total else ""), flush=True)
         if step % checkpoint_every == 0:
             write_checkpoint()
@@ -370,6 +375,8 @@ while step < total_steps and (not max_steps or step < max_steps):
 
 write_checkpoint()
 if master and epoch_summary:
+    plot_curves([out_dir], os.path.join(out_dir, "curves.png"))
+    print(f"curves: {out_dir}/curves.png")
     s = epoch_summary
     print("| model | GFLOPs (analytic) | resolution | patch size | #epochs | Top-1 Acc (%) | Top-5 Acc (%) "
           "| peak memory (GB) | avg training step time (s) |")

@@ -15,7 +15,6 @@ Options are the defaults below, overridden as --key=value or --key value.
 """
 import io
 import json
-import math
 import os
 import random
 import time
@@ -28,15 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 import webdataset as wds
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
                     parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, image_transform, load_image
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
+from plots import plot_curves, plot_lr_find
 
 # -----------------------------------------------------------------------------
 # defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
@@ -161,23 +160,6 @@ def evaluate(classifier, dataset, device, autocast):
         classifier.visual.eval()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "eval_boundary_rate": rate / count,
             "eval_images": int(count)}
-
-
-def plot_lr_find(lrs, losses, suggestion, path):
-    """Smoothed loss against log learning rate, the suggestion marked, drawn with Pillow."""
-    width, height, pad = 520, 320, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    x = lambda v: pad + (math.log10(v) - math.log10(lrs[0])) / (math.log10(lrs[-1]) - math.log10(lrs[0])) * (width - 2 * pad)
-    lo, hi = min(losses), max(losses)
-    y = lambda v: height - pad - (v - lo) / max(hi - lo, 1e-12) * (height - 2 * pad)
-    draw.line([(x(a), y(b)) for a, b in zip(lrs, losses)], fill=(40, 90, 200), width=2)
-    draw.line([(x(suggestion), pad), (x(suggestion), height - pad)], fill=(220, 40, 40))
-    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
-    draw.text((pad, 12), f"LR range test: smoothed loss vs lr (log); suggested {suggestion:.2e}", fill="black")
-    draw.text((pad, height - pad + 6), f"{lrs[0]:.0e}", fill="black")
-    draw.text((width - pad - 30, height - pad + 6), f"{lrs[-1]:.0e}", fill="black")
-    image.save(path)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -313,7 +295,8 @@ if lr_find:
     slopes = np.gradient(np.array(losses), np.log10(lrs))
     suggestion = lrs[int(np.argmin(slopes[: int(np.argmin(losses)) + 1]))]  # steepest descent before the minimum
     if master:
-        plot_lr_find(lrs, losses, suggestion, os.path.join(out_dir, "lr_find.png"))
+        plot_lr_find(lrs, losses, suggestion, os.path.join(out_dir, "lr_find.png"),
+                     title=f"LR range test: {init or 'random init'}, {'linear probe' if freeze else 'full training'}")
         print(f"suggested lr {suggestion:.2e} (steepest descent of the smoothed loss); plot: {out_dir}/lr_find.png")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -321,9 +304,10 @@ if lr_find:
 
 # ----------------------------------------------------------------------------- training loop
 
+progress = Progress(step, min(total_steps, max_steps or total_steps), steps_per_epoch, "images")
 if master:
     print(f"{model_config.image_size}px compress {model_config.compress:g}, {num_classes} classes, "
-          f"{'linear probe' if freeze else 'full training'}, {world_size} rank(s), {steps_per_epoch} steps/epoch x {epochs}")
+          f"{'linear probe' if freeze else 'full training'}, {world_size} rank(s), {progress.plan()}", flush=True)
 summary = {}
 while step < total_steps and (not max_steps or step < max_steps):
     epoch = step // steps_per_epoch
@@ -334,6 +318,7 @@ while step < total_steps and (not max_steps or step < max_steps):
         t_start = time.perf_counter()
         loss, task, vision = train_step(images, labels, cosine_lr(step, total_steps, warmup_steps, lr))
         step += 1
+        progress.advance(len(images) * world_size)
         t_end = time.perf_counter()
         sums["steps"] += 1
         sums["data_time"] += t_start - t_data
@@ -341,8 +326,9 @@ while step < total_steps and (not max_steps or step < max_steps):
         sums["task"] += task.detach()
         sums["rate"] += vision.boundary_rate
         if step % log_every == 0 and master:
-            print(f"step {step}/{total_steps} loss {loss.item():.4f} rate {vision.boundary_rate.item():.3f}/"
-                  f"{1 / model_config.compress:.3f} step {1000 * (t_end - t_data):.0f}ms", flush=True)
+            print(f"step {step}/{progress.end} {progress.report()} loss {loss.item():.4f} "
+                  f"rate {vision.boundary_rate.item():.3f}/{1 / model_config.compress:.3f} "
+                  f"step {1000 * (t_end - t_data):.0f}ms", flush=True)
         if step % checkpoint_every == 0:
             write_checkpoint()
         t_data = time.perf_counter()
@@ -358,5 +344,8 @@ while step < total_steps and (not max_steps or step < max_steps):
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(summary) + "\n")
 write_checkpoint()
+if master and summary:
+    plot_curves([out_dir], os.path.join(out_dir, "curves.png"))
+    print(f"curves: {out_dir}/curves.png")
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -23,7 +23,9 @@ questions for the exact-match evaluation), and without --llm a tiny Llama and it
 sentencepiece tokenizer are first trained on that set's text ("stage 0", standing in for
 a pretrained LLM). --stage all (the default) runs every stage that is needed in order.
 Each stage reports loss, image tokens per sample, step time, tokens/s and peak memory per
-epoch, writes out_dir/stage<N>/ckpt.pt atomically, and continues from it with --resume.
+epoch (drawn at the end as out_dir/curves.png by plots.py; log lines show the percentage
+of the stage done, tokens/s and the time left), writes out_dir/stage<N>/ckpt.pt
+atomically, and continues from it with --resume.
 """
 import json
 import os
@@ -37,11 +39,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_image_tower,
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_image_tower,
                     parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
 from model import IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
+from plots import plot_curves
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
@@ -301,10 +304,11 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
                              "stage": n, "lora": lora, "sources": sources, "run_config": config, "rng": states},
                             ckpt_path)
 
+    progress = Progress(step, total_steps, steps_per_epoch, "tokens")
     if master:
         os.makedirs(stage_dir, exist_ok=True)
-        print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {steps_per_epoch} "
-              f"steps/epoch, {total_steps} steps, lr {lr:g}, {world_size} rank(s), {device} {dtype}", flush=True)
+        print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {progress.plan()}, "
+              f"lr {lr:g}, {world_size} rank(s), {device} {dtype}", flush=True)
     report, warned = None, False
     model.train()
     while step < total_steps:
@@ -335,6 +339,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            progress.advance(int(out.lengths.sum()) * world_size)  # this rank's tokens, times the ranks
             t1 = time.perf_counter()
             if out.truncated and not warned and master:
                 print(f"warning: {out.truncated} sample(s) longer than the context of {context} tokens were truncated "
@@ -349,7 +354,8 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
             sums["time"] += t1 - t0
             sums["steps"] += 1
             if step % log_every == 0 and master:
-                print(f"stage {n} step {step}/{total_steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                print(f"stage {n} step {step}/{total_steps} {progress.report()} loss {loss.item():.4f} "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"image tokens/sample {int(out.image_tokens.sum()) / len(ids):.1f} step {1000 * (t1 - t0):.0f}ms",
                       flush=True)
             if step % checkpoint_every == 0:
@@ -493,5 +499,8 @@ if stage in ("all", "2"):
         save_llama(merge_lora(llava.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
         print(f"LoRA merged into {os.path.join(out_dir, 'stage2', 'llm_merged')}")
 
+if master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+    plot_curves([out_dir], os.path.join(out_dir, "curves.png"))
+    print(f"curves: {out_dir}/curves.png")
 if dist.is_initialized():
     dist.destroy_process_group()

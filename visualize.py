@@ -6,9 +6,10 @@
     python visualize.py --stats data/shapes/val                # segments-per-image histogram and mean rate
     python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
 
-PNGs go next to each image (name_drip.png) or into --out DIR. Images are preprocessed as
-in training (EXIF orientation, RGB, resize + centre crop). An unreadable image is
-reported and skipped; the others still render.
+PNGs go next to each image (name_drip.png) or into --out DIR; the --stats histogram
+(segments_histogram.png, plots.py) into the checkpoint's run folder or --out DIR. Images
+are preprocessed as in training (EXIF orientation, RGB, resize + centre crop). An
+unreadable image is reported and skipped; the others still render.
 """
 import argparse
 import colorsys
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from common import die, load_clip_checkpoint
 from data import CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
+from plots import plot_segment_histogram
 
 CELL = 48  # pixels per patch in the drawing
 
@@ -121,7 +123,8 @@ def image_files(folder):
 
 
 def stats(folder, model, checkpoint, out_dir):
-    """Histogram of segments per image over a folder (recursively), as a PNG and as numbers."""
+    """Histogram of segments per image over a folder (recursively), as numbers and as
+    out_dir/segments_histogram.png."""
     files = image_files(folder)
     if not files:
         die(f"no images in {folder}")
@@ -131,25 +134,19 @@ def stats(folder, model, checkpoint, out_dir):
             counts.append(int(boundaries_of(model, load_image(path), sample=False).sum()))
         except (OSError, UnidentifiedImageError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
+    if not counts:
+        die(f"none of the {len(files)} images in {folder} could be read")
     N = model.visual.num_patches
     histogram = np.bincount(counts, minlength=N + 1)
     result = {"images": len(counts), "patches": N, "mean_segments": float(np.mean(counts)),
               "mean_rate": float(np.mean(counts)) / N, "target_rate": 1 / checkpoint["model_config"]["compress"],
               "min_segments": min(counts), "max_segments": max(counts),
               "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v}}
-    lo, hi = min(counts), max(counts)
-    bars = histogram[lo:hi + 1]
-    width, height, bar = max(460, 40 + 24 * len(bars)), 240, 24
-    plot = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(plot)
-    for i, v in enumerate(bars):
-        h = int(170 * v / bars.max())
-        draw.rectangle([20 + i * bar, 200 - h, 20 + i * bar + bar - 4, 200], fill=(60, 110, 200))
-        draw.text((22 + i * bar, 204), str(lo + i), fill="black")
-    draw.text((20, 6), f"segments per image, {len(counts)} images; mean rate {result['mean_rate']:.3f} "
-                       f"(target {result['target_rate']:.3f})", fill="black")
-    target = os.path.join(out_dir or ".", "segments_histogram.png")
-    plot.save(target)
+    target = os.path.join(out_dir, "segments_histogram.png")
+    name = checkpoint.get("run_config", {}).get("model", "")
+    plot_segment_histogram(counts, N * result["target_rate"], target,
+                           title=f"{name} {checkpoint['model_config']['compress']:g}x: segments per image, "
+                                 f"{len(counts)} images of {folder}; mean rate {result['mean_rate']:.3f}")
     result["plot"] = target
     return result
 
@@ -190,7 +187,8 @@ def main():
         parser.error("give images, --stats DIR or --object_ratio N")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    models = [load_clip_checkpoint(path) for path in (args.ckpt or [newest_drip_checkpoint()])]
+    paths = args.ckpt or [newest_drip_checkpoint()]
+    models = [load_clip_checkpoint(path) for path in paths]
     for model, checkpoint in models:
         if model.visual.boundary_predictor is None:
             die("that checkpoint is a plain ViT (compress 1): it has no boundaries to draw; "
@@ -203,7 +201,8 @@ def main():
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             failed += 1
     if args.stats:
-        print(json.dumps(stats(args.stats, *models[0], args.out), indent=2))
+        run_dir = os.path.dirname(os.path.abspath(paths[0]))
+        print(json.dumps(stats(args.stats, *models[0], args.out or run_dir), indent=2))
     if args.object_ratio:
         print(json.dumps(object_ratio(models[0][0], args.object_ratio), indent=2))
     sys.exit(1 if failed else 0)
