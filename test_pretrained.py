@@ -6,7 +6,10 @@ import open_clip
 import pytest
 import torch
 
-from text import clip_tokenizer, tokenize
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+from text import (IMAGENET_CLASSNAMES as CLASSNAMES_FILE, clip_tokenizer, read_lines, tokenize, zero_shot_classifier,
+                  zero_shot_templates)
 from model import CLIP, load_clip_weights, make_config, resize_positional_embedding
 
 
@@ -100,3 +103,29 @@ def test_clip_bpe_matches_open_clip_token_ids():
     texts = ["a photo of a cat.", "A DIAGRAM of   two dogs!", "it's 2024; naïve café", "x" * 300]
     assert tokenize(ours, texts[:1])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
     assert torch.equal(tokenize(ours, texts), reference(texts))
+
+
+def test_shipped_imagenet_names_and_templates_are_open_clips():
+    assert read_lines(CLASSNAMES_FILE) == list(IMAGENET_CLASSNAMES)
+    assert zero_shot_templates("80") == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert zero_shot_templates("7") == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+
+
+def test_zero_shot_classifier_matches_open_clip():
+    """open_clip's build_zero_shot_classifier and ours, from the same (small, random) model, on a few
+    ImageNet classes with all 80 templates."""
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=16, width=64, layers=1)  # one head of 64, open_clip's default width
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+    reference = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
+    ours = CLIP(make_config("tiny", embed_dim=32, image_size=32, patch_size=16, width=64, layers=1, heads=1, mlp_dim=256,
+                            context_length=77, vocab_size=49408, text_width=64, text_heads=2, text_layers=2)).eval()
+    assert load_clip_weights(ours, reference.state_dict()) == ([], [])
+    names = read_lines(CLASSNAMES_FILE)[::200] + ["jack-o'-lantern"]
+    expected = open_clip.build_zero_shot_classifier(reference, open_clip.get_tokenizer("ViT-B-32"), names,
+                                                    OPENAI_IMAGENET_TEMPLATES, num_classes_per_batch=2)  # E x C
+    tok = clip_tokenizer(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"), 77)
+    got = zero_shot_classifier(ours, tok, names, zero_shot_templates("80"), "cpu", texts_per_batch=200)  # C x E
+    assert got.shape == (6, 32)
+    torch.testing.assert_close(got, expected.t(), atol=1e-5, rtol=1e-5)
+

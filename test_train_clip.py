@@ -152,12 +152,29 @@ def test_killed_run_resumes_at_saved_step(data_dir, tmp_path):
     assert torch.load(ckpt, weights_only=False)["step"] == saved + 2
 
 
+def test_imagenet_like_val_data_gets_clips_class_names(data_dir, tokenizer_file, tmp_path):
+    """1000 class folders and no --classnames: CLIP's ImageNet names, said at start; --templates 7."""
+    image = next(os.path.join(root, f) for root, _, files in os.walk(os.path.join(data_dir, "shapes", "val")) for f in files)
+    for c in range(1000):
+        os.makedirs(tmp_path / "val" / f"n{c:08d}")
+        os.link(image, tmp_path / "val" / f"n{c:08d}" / "0.jpg")
+    out = str(tmp_path / "out")
+    args = real_data_args(data_dir, os.path.join(data_dir, "shapes", "train-00000.tar"), 16)
+    args[args.index("--val_data") + 1] = str(tmp_path / "val")
+    del args[args.index("--classnames"):args.index("--classnames") + 2]
+    result = run(args + ["--out_dir", out, "--epochs", "0", "--templates", "7"] + FAST)  # set-up only
+    assert ("1000 classes, names from CLIP's ImageNet class names (zero_shot/imagenet_classnames.txt), "
+            "7 templates (a subset of CLIP's)") in result.stdout
+    assert "80 templates (CLIP's ImageNet templates)" in run(args + ["--out_dir", out, "--epochs", "0"] + FAST).stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--compress", "0.5"], "--compress must be >= 1"),
     (["--train_data", "/nonexistent/{0..3}.tar", "--train_num_samples", "10"], "training shards missing or empty"),
     (["--tokenizer", "/nonexistent/tokenizer.json", "--max_steps", "1"], "cannot read tokenizer"),
     (["--bogus", "1"], "unknown option --bogus"),
     (["--epochs", "two"], "--epochs expects an integer"),
+    (["--templates", "/nonexistent.txt"], "--templates /nonexistent.txt: give 80, 7 or a file"),
 ])
 def test_user_errors_are_one_line(data_dir, tmp_path, args, message):
     result = run(["--data_dir", data_dir, "--out_dir", str(tmp_path)] + args, check=False, timeout=60)

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from common import die, load_weights_file, save_checkpoint
@@ -81,6 +82,53 @@ def load_tokenizer(path, context_length):
 
 def tokenize(tok, texts):
     return torch.tensor([e.ids for e in tok.encode_batch(texts)], dtype=torch.long)  # B x context_length
+
+
+# -----------------------------------------------------------------------------
+# Zero-shot classification prompts (files generated once from open_clip's zero_shot_metadata.py)
+
+ZERO_SHOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero_shot")
+IMAGENET_CLASSNAMES = os.path.join(ZERO_SHOT_DIR, "imagenet_classnames.txt")  # CLIP's curated names, class-index order
+IMAGENET_TEMPLATES = os.path.join(ZERO_SHOT_DIR, "imagenet_templates.txt")    # CLIP's 80 prompt templates
+# the 7-template subset of CLIP's prompt-engineering notebook (all among the 80)
+SIMPLE_IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                             "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+def read_lines(path):
+    """The non-empty lines of a text file, stripped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def zero_shot_templates(choice):
+    """80 (CLIP's ImageNet templates, open_clip's default), 7 (their subset), or a file of templates, one a line with {}."""
+    if choice == "80":
+        return read_lines(IMAGENET_TEMPLATES)
+    if choice == "7":
+        return list(SIMPLE_IMAGENET_TEMPLATES)
+    if not os.path.isfile(choice):
+        die(f"--templates {choice}: give 80, 7 or a file with one template a line, {{}} where the class name goes")
+    templates = read_lines(choice)
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        die(f"--templates {choice}: every line needs exactly one {{}} where the class name goes")
+    return templates
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tok, names, templates, device, texts_per_batch=1000):
+    """C x E: per class, the normalised mean of its normalised prompt embeddings (CLIP's, open_clip's).
+
+    Several classes' prompts go through the text tower together, about texts_per_batch at a time.
+    """
+    weights, per_batch = [], max(1, texts_per_batch // len(templates))
+    for start in range(0, len(names), per_batch):
+        chunk = names[start:start + per_batch]
+        text = tokenize(tok, [t.format(name) for name in chunk for t in templates]).to(device)  # (C'*T) x L
+        features = F.normalize(model.encode_text(text).float(), dim=-1)
+        features = features.view(len(chunk), len(templates), -1)                         # C' x T x E
+        weights.append(F.normalize(features.mean(1), dim=-1))
+    return torch.cat(weights)
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     python train_clip.py --compress 4                     # the same with DRIP at 4x
     torchrun --nproc_per_node=8 train_clip.py --model ViT-B-16 --compress 4 \\
         --train_data 'laion/{00000..01023}.tar' --train_num_samples 10000000 \\
-        --val_data imagenet/val --classnames imagenet_classnames.txt --batch_size 256 --epochs 10
+        --val_data imagenet/val --batch_size 256 --epochs 10  # CLIP's 1000 class names, 80 templates
 
 Options are the module-level defaults below, overridden as --key=value or --key value.
 Without --train_data, a shapes dataset is written to data/shapes (webdataset shards for
@@ -36,7 +36,8 @@ from torchvision.datasets import ImageFolder
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
                     parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
 from data import builtin_shapes, image_transform, load_image
-from text import load_tokenizer, tokenize, train_tokenizer
+from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
+                  zero_shot_templates)
 from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 from plots import plot_curves
 
@@ -48,7 +49,8 @@ pre_layers = 0              # blocks before pooling; 0 = the model's default
 train_data = ""             # webdataset shards, e.g. 'shards/{00000..01023}.tar'; empty = built-in shapes
 train_num_samples = 0       # samples per epoch (required with --train_data)
 val_data = ""               # ImageFolder for zero-shot evaluation, e.g. ImageNet val
-classnames = ""             # one class name per line, in the val folders' order
+classnames = ""             # one class name per line, in the val folders' order; empty with 1000 folders = CLIP's ImageNet names
+templates = ""              # zero-shot prompts: 80 (CLIP's ImageNet templates) | 7 (their subset) | a file; empty = 80 (shapes' own for the built-in data)
 tokenizer = ""              # tokenizer.json or bpe_simple_vocab_16e6.txt.gz; empty = train a BPE
 init_from = ""              # open_clip / OpenAI CLIP weights or a train_clip.py checkpoint (.pt/.bin/.safetensors)
 quick_gelu = False          # True for OpenAI's CLIP weights
@@ -76,8 +78,6 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 SHAPES_TEMPLATES = ["a {}.", "a photo of a {}.", "an image showing one {}.", "a drawing of a {}."]
-IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
 # ----------------------------------------------------------------------------- data
@@ -138,25 +138,14 @@ def expand_shards(pattern):
 # ----------------------------------------------------------------------------- zero-shot evaluation
 
 @torch.no_grad()
-def zero_shot_classifier(model, tok, names, templates, device):
-    """C x E: per class, the normalised mean of its normalised prompt embeddings."""
-    weights = []
-    for name in names:
-        text = tokenize(tok, [t.format(name) for t in templates]).to(device)
-        features = F.normalize(model.encode_text(text).float(), dim=-1)  # templates x E
-        weights.append(F.normalize(features.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-@torch.no_grad()
-def zero_shot(model, tok, dataset, names, templates, device, autocast):
+def zero_shot(model, tok, dataset, names, prompts, device, autocast):
     """Top-1/top-5 accuracy and boundary rate; each rank evaluates every world_size-th image."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
     with autocast:
-        classifier = zero_shot_classifier(model, tok, names, templates, device)
+        classifier = zero_shot_classifier(model, tok, names, prompts, device)
     top1 = top5 = count = boundaries = 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -223,21 +212,30 @@ if train_data:
     urls = expand_shards(train_data)
     if train_num_samples <= 0:
         die("--train_num_samples is required with --train_data (samples per epoch)")
-    if not val_data or not classnames:
-        die("--val_data DIR and --classnames FILE are required with --train_data for zero-shot evaluation")
-    templates = IMAGENET_TEMPLATES
+    if not val_data:
+        die("--val_data DIR is required with --train_data for zero-shot evaluation (e.g. ImageNet's val/)")
 else:
     urls, shapes_val, shapes_classnames, shapes_samples = builtin_shapes(data_dir, model_config.image_size)
     train_num_samples = train_num_samples or shapes_samples
-    val_data, classnames = val_data or shapes_val, classnames or shapes_classnames
-    templates = SHAPES_TEMPLATES
+    if not val_data:
+        val_data, classnames = shapes_val, classnames or shapes_classnames
+        templates = templates or "shapes"
 
 if not os.path.isdir(val_data):
     die(f"--val_data {val_data} is not a folder; give an ImageFolder such as ImageNet's val/")
 val_set = ImageFolder(val_data, transform=image_transform(model_config.image_size, augment=False), loader=load_image)
-names = [line.strip() for line in open(classnames) if line.strip()] if os.path.isfile(classnames) else []
+if not classnames and len(val_set.classes) != 1000:
+    die(f"--classnames FILE is required: {val_data} has {len(val_set.classes)} class folders, not ImageNet's 1000")
+names_source = classnames or f"CLIP's ImageNet class names ({os.path.relpath(IMAGENET_CLASSNAMES)})"
+names = read_lines(classnames or IMAGENET_CLASSNAMES) if os.path.isfile(classnames or IMAGENET_CLASSNAMES) else []
 if len(names) != len(val_set.classes):
     die(f"--classnames {classnames} has {len(names)} names but {val_data} has {len(val_set.classes)} class folders")
+templates = templates or "80"
+prompts = SHAPES_TEMPLATES if templates == "shapes" else zero_shot_templates(templates)
+if master:
+    kind = {"shapes": "the shapes prompts", "80": "CLIP's ImageNet templates", "7": "a subset of CLIP's"}.get(templates, templates)
+    print(f"zero-shot on {val_data}: {len(names)} classes, names from {names_source}, {len(prompts)} templates ({kind})",
+          flush=True)
 
 # tokenizer: from the checkpoint, a file, or trained here on the training captions
 if checkpoint is not None:
@@ -364,7 +362,7 @@ while step < total_steps and (not max_steps or step < max_steps):
     epoch_summary = {
         "epoch": step / steps_per_epoch,
         "step": step,
-        **zero_shot(raw_model, tok, val_set, names, templates, device, autocast),
+        **zero_shot(raw_model, tok, val_set, names, prompts, device, autocast),
         "train_boundary_rate": parts[2] / (n * world_size), "target_rate": target_rate,
         "contrastive_loss": parts[0] / (n * world_size), "boundary_loss": parts[1] / (n * world_size),
         "step_time_s": sums["step_time"] / n, "data_time_s": sums["data_time"] / n,
