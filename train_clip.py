@@ -232,10 +232,8 @@ if len(names) != len(val_set.classes):
     die(f"--classnames {classnames} has {len(names)} names but {val_data} has {len(val_set.classes)} class folders")
 templates = templates or "80"
 prompts = SHAPES_TEMPLATES if templates == "shapes" else zero_shot_templates(templates)
-if master:
-    kind = {"shapes": "the shapes prompts", "80": "CLIP's ImageNet templates", "7": "a subset of CLIP's"}.get(templates, templates)
-    print(f"zero-shot on {val_data}: {len(names)} classes, names from {names_source}, {len(prompts)} templates ({kind})",
-          flush=True)
+kind = {"shapes": "the shapes prompts", "80": "CLIP's ImageNet templates", "7": "a subset of CLIP's"}.get(templates, templates)
+zero_shot_note = f"zero-shot on {val_data}: {len(names)} classes, names from {names_source}, {len(prompts)} templates ({kind})"
 
 # tokenizer: from the checkpoint, a file, or trained here on the training captions
 if checkpoint is not None:
@@ -312,6 +310,7 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"{model_config.image_size}px {model} compress {compress:g}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
           f"parameters, {world_size} rank(s), {progress.plan()}, {device} {dtype}", flush=True)
+    print(zero_shot_note, flush=True)
 target_rate = 1 / compress
 skipped_total = 0
 epoch_summary = {}
