@@ -190,64 +190,118 @@ def llava_rows(model_name, compresses, pre_layers, llm_name, prompt_tokens, proj
 
 # ----------------------------------------------------------------------------- benchmark
 
+def timed(fns, steps, device):
+    """Median seconds of each function in `fns`, called in turn `steps` times (CUDA events on GPU).
+
+    Interleaving the calls shares out whatever else the machine is doing, so ratios
+    between the functions hold even where absolute times are noisy.
+    """
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, record in zip(fns, times):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                record.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                record.append(time.perf_counter() - t0)
+    return [statistics.median(record) for record in times]
+
+
 def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup):
-    """Median training-step time (forward, backward, AdamW step) and memory for one compression."""
+    """Training-step time (forward, backward, AdamW step), inference throughput and memory for one compression.
+
+    For compress > 1 the same model is also timed with its ceiling, boundaries fixed evenly at
+    exactly round(N / compress): every image has the same length and nothing is padded, the
+    speed of a fixed cut of the same length. The two alternate step by step.
+    """
     cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
     torch.manual_seed(0)
     model = CLIP(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if use_compile else model
+    # compile the module that is stepped: model.visual of a compiled CLIP would be the eager tower
+    step_model = model if tower == "clip" else model.visual
+    step_model = torch.compile(step_model) if use_compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     text = torch.randint(1, cfg.vocab_size, (batch_size, cfg.context_length), device=device)
     labels = torch.arange(batch_size, device=device)
+    N = model.visual.num_patches
+    even = even_boundaries(batch_size, N, max(1, round(N / compress)), device) if compress > 1 else None
     saved_bytes = [0]
 
     def count_saved(t):
         saved_bytes[0] += t.numel() * t.element_size()
         return t
 
-    def train_step(measure_activations=False):
+    def train_step(boundaries=None, measure_activations=False):
         hooks = torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t) if measure_activations else nullcontext()
         with autocast, hooks:
             if tower == "clip":
-                image_features, text_features, logit_scale, vision = step_model(images, text)
+                image_features, text_features, logit_scale, vision = step_model(images, text, boundaries=boundaries)
                 logits = logit_scale * image_features.float() @ text_features.float().t()
                 loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
             else:
-                vision = step_model.visual(images)
+                vision = step_model(images, boundaries=boundaries)
                 loss = vision.embedding.float().pow(2).mean()
             loss = loss + vision.aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return vision
 
+    def infer_step(boundaries=None):
+        with autocast, torch.no_grad():
+            (step_model.visual if tower == "clip" else step_model)(images, boundaries=boundaries)
+
+    variants = [None] if even is None else [None, even]  # predicted boundaries, then the ceiling's
     for _ in range(warmup):
-        train_step()
+        for boundaries in variants:
+            train_step(boundaries)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times, valid_fraction = [], []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            vision = train_step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            vision = train_step()
-            times.append(time.perf_counter() - t0)
-        valid_fraction.append(vision.valid.float().mean().item())
     train_step(measure_activations=True)
-    step_s = statistics.median(times)
-    return {"model": model_name, "compress": compress, "tower": tower, "batch_size": batch_size, "device": str(device),
-            "step_ms": 1000 * step_s, "images_per_s": batch_size / step_s,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "saved_activations_gib": saved_bytes[0] / 2**30, "valid_token_fraction": statistics.mean(valid_fraction)}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    step_s = timed([lambda b=b: train_step(b) for b in variants], steps, device)
+
+    # tokens the blocks after pooling compute (rows of their input) against the real ones
+    computed = []
+    hook = model.visual.transformer.resblocks[cfg.pre_layers].register_forward_pre_hook(
+        lambda module, args: computed.append(args[0].shape[:-1].numel()))
+    with autocast, torch.no_grad():
+        vision = model.visual(images, sample=True)
+    hook.remove()
+    real_token_fraction = (vision.valid.sum().item() + batch_size) / computed[0] if compress > 1 else 1.0
+
+    model.eval()
+    for _ in range(warmup):
+        for boundaries in variants:
+            infer_step(boundaries)
+    infer_s = timed([lambda b=b: infer_step(b) for b in variants], steps, device)
+    row = {"model": model_name, "compress": compress, "tower": tower, "batch_size": batch_size, "device": str(device),
+           "step_ms": 1000 * step_s[0], "images_per_s": batch_size / step_s[0], "infer_images_per_s": batch_size / infer_s[0],
+           "peak_memory_gib": peak, "saved_activations_gib": saved_bytes[0] / 2**30,
+           "real_token_fraction": real_token_fraction}
+    if even is not None:
+        row |= {"ceiling_step_ms": 1000 * step_s[1], "ceiling_infer_images_per_s": batch_size / infer_s[1],
+                "of_ceiling": step_s[1] / step_s[0]}
+    return row
+
+
+def bench_rows(args, device):
+    rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
+                      args.steps, args.warmup) for c in args.compress]
+    base = rows[0] if rows[0]["compress"] == 1 else None
+    memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
+    for row in rows:
+        row["speedup"] = base["step_ms"] / row["step_ms"] if base else None
+        row["memory_ratio"] = row[memory] / base[memory] if base else None
+    return rows
 
 
 def main():
@@ -293,15 +347,7 @@ def main():
         result["llava"] = llava_rows(args.model, args.compress, args.pre_layers, args.llm_model, args.prompt_tokens,
                                      args.projector, args.feature_layer)
     if args.bench:
-        device = torch.device(args.device)
-        rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
-                          args.steps, args.warmup) for c in args.compress]
-        base = rows[0] if rows[0]["compress"] == 1 else None
-        for row in rows:
-            row["speedup"] = base["step_ms"] / row["step_ms"] if base else None
-            memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
-            row["memory_ratio"] = row[memory] / base[memory] if base else None
-        result["bench"] = rows
+        result["bench"] = bench_rows(args, torch.device(args.device))
     result["fvcore_skipped_ops"] = dict(skipped)
 
     if args.json:
@@ -334,11 +380,19 @@ def main():
         memory = "peak GiB" if args.device.startswith("cuda") else "saved-activation GiB"
         print(f"\n{args.tower} tower training step, batch {args.batch_size}, {args.device}, "
               f"torch {torch.__version__}{', compiled' if args.compile else ''}")
-        print(f"{'compress':>8} {'step ms':>8} {'images/s':>9} {'speed-up':>8} {memory:>20} {'ratio':>6} {'valid tokens':>12}")
+        print(f"{'compress':>8} {'step ms':>8} {'images/s':>9} {'speed-up':>8} {'of ceiling':>10} {memory:>20} "
+              f"{'ratio':>6} {'real tokens':>11} {'inference images/s':>18}")
         for r in result["bench"]:
             m = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["saved_activations_gib"]
-            print(f"{r['compress']:>8g} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} "
-                  f"{(r['speedup'] or 0):>7.2f}x {m:>20.3f} {(r['memory_ratio'] or 0):>6.2f} {r['valid_token_fraction']:>11.1%}")
+            of_ceiling = f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else "-"
+            print(f"{r['compress']:>8g} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} {(r['speedup'] or 0):>7.2f}x "
+                  f"{of_ceiling:>10} {m:>20.3f} {(r['memory_ratio'] or 0):>6.2f} {r['real_token_fraction']:>11.1%} "
+                  f"{r['infer_images_per_s']:>18.1f}")
+            if "ceiling_step_ms" in r:
+                print(f"{'ceiling':>8} {r['ceiling_step_ms']:>8.1f} {args.batch_size * 1000 / r['ceiling_step_ms']:>9.1f} "
+                      f"{'':>8} {'':>10} {'':>20} {'':>6} {'':>11} {r['ceiling_infer_images_per_s']:>18.1f}")
+        print("ceiling: the same model with boundaries fixed evenly at round(N / compress), nothing padded; "
+              "of ceiling = its step time / this row's")
     if skipped:
         print("\nops fvcore has no handle for (counted as zero): "
               + ", ".join(f"{op} x{n}" for op, n in skipped.most_common()), file=sys.stderr)

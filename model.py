@@ -18,6 +18,7 @@ valid segment tokens through a projector into the language model.
     loss = contrastive_loss(...) + vision.aux_loss   # vision.boundary_rate ~ 0.25
 """
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
@@ -26,6 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+try:  # flash attention on packed variable-length sequences (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 # -----------------------------------------------------------------------------
@@ -130,13 +136,14 @@ def force_last_boundary(boundaries):
     return torch.cat([boundaries[:, :-1], ones], 1)
 
 
-def pool_segments(x, boundaries, multiple=1):
+def pool_segments(x, boundaries, multiple=1, segments=None):
     """Mean-pool contiguous segments of tokens; boundary i = 1 means token i ends its segment.
 
     x: B x N x D tokens, boundaries: B x N hard 0/1 (straight-through or plain), with the
     last token a boundary. Returns pooled B x S x D and valid B x S, padded to the
     largest segment count in the batch rounded up to `multiple` (padded rows are zero
-    and not valid; a few fixed lengths keep GPU kernels aligned and their caches warm).
+    and not valid; a few fixed lengths keep GPU kernels aligned and their caches warm),
+    or to `segments` when the caller already knows S (it then costs no host sync).
 
     The membership weights are built from `boundaries` through cumsum: their value is
     exactly 0/1, but their gradient reaches whatever produced the boundaries, so the
@@ -151,7 +158,7 @@ def pool_segments(x, boundaries, multiple=1):
     """
     segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
     num_segments = boundaries.sum(1)                            # B
-    S = -(-int(num_segments.max()) // multiple) * multiple  # the one host sync: the shape depends on it
+    S = segments if segments is not None else -(-int(num_segments.max()) // multiple) * multiple  # host sync: a shape
     offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
     member = torch.where(offset == 0, 1 + offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
     weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
@@ -175,6 +182,77 @@ def boundary_loss(boundaries, p):
 
 
 # -----------------------------------------------------------------------------
+# Packed tokens: after pooling, the residual stream holds only real tokens
+
+
+class Packing(NamedTuple):
+    """Where the real tokens of a batch of variable-length sequences sit.
+
+    After pooling, image b has L_b = 1 + S_b real tokens. Packed, the whole batch is one
+    T x D tensor (T = sum L_b, image after image), so LayerNorms, projections and MLPs
+    compute nothing for padding. Only attention needs the images apart: it runs on the
+    packed rows with cumulative lengths (flash attention's varlen kernel) or, where that
+    kernel is missing, in the padded B x L layout, to which `index` maps each packed row.
+    """
+    index: torch.Tensor       # T: row of each packed token in the flattened B x L padded layout
+    cu_seqlens: torch.Tensor  # B+1 int32: image b owns packed rows cu_seqlens[b] .. cu_seqlens[b+1]-1
+    key_mask: torch.Tensor    # B x 1 x 1 x L bool: the padded layout's real tokens (keys to attend to)
+    max_len: int              # longest L_b
+    padded_len: int           # L of the padded layout (max_len rounded up to a multiple)
+    equal: bool               # every image has the same length: attention runs on a plain B x L view
+
+
+def packing_plan(lengths, multiple=1):
+    """lengths: B LongTensor of real tokens per image -> Packing. The one host sync after pooling."""
+    host = lengths.tolist()
+    B, max_len, device = len(host), max(host), lengths.device
+    L = -(-max_len // multiple) * multiple
+    real = torch.arange(L, device=device) < lengths.unsqueeze(1)                # B x L
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)              # B+1
+    batch = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=sum(host))  # T
+    position = torch.arange(len(batch), device=device) - cu_seqlens[batch]       # T: place within its image
+    return Packing(batch * L + position, cu_seqlens, real[:, None, None, :], max_len, L, min(host) == max_len)
+
+
+def pack(x, packing):
+    """B x L x D padded -> T x D real rows."""
+    return x.flatten(0, 1).index_select(0, packing.index)
+
+
+def unpack(x, packing):
+    """T x D real rows -> B x L x D with zero padding."""
+    B, L = packing.key_mask.shape[0], packing.padded_len
+    return x.new_zeros(B * L, x.shape[-1]).index_copy(0, packing.index, x).view(B, L, -1)
+
+
+def use_varlen(x):
+    """Flash attention on packed sequences: CUDA, half precision, torch >= 2.10; DRIP_VARLEN=0 turns it off."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None
+            and os.environ.get("DRIP_VARLEN", "1") != "0")
+
+
+def multi_head_attention(qkv, heads, attn_mask=None, is_causal=False):
+    """B x L x 3D projected queries, keys and values -> B x L x D attention output."""
+    B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)      # each B x H x L x D/H
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return y.transpose(1, 2).reshape(B, L, D)
+
+
+def packed_attention(qkv, heads, packing):
+    """T x 3D packed queries, keys and values -> T x D, each image attending only to itself."""
+    T, D = qkv.shape[0], qkv.shape[1] // 3
+    if packing.equal:  # nothing to pad: a plain B x L batch
+        return multi_head_attention(qkv.view(len(packing.cu_seqlens) - 1, -1, 3 * D), heads).view(T, D)
+    if use_varlen(qkv):
+        q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)                  # each T x H x D/H
+        cu, m = packing.cu_seqlens, packing.max_len
+        return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
+    # elsewhere: scatter into the padded layout, mask the padding keys, gather the real rows back
+    return pack(multi_head_attention(unpack(qkv, packing), heads, packing.key_mask), packing)
+
+
+# -----------------------------------------------------------------------------
 # Transformer blocks (names as in open_clip)
 
 
@@ -182,7 +260,8 @@ class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention.
 
     Parameters are named like nn.MultiheadAttention's (in_proj_weight, in_proj_bias,
-    out_proj) so that CLIP checkpoints load as they are.
+    out_proj) so that CLIP checkpoints load as they are. x is B x L x D, or T x D packed
+    tokens with their `packing`.
     """
 
     def __init__(self, width, heads):
@@ -192,12 +271,11 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        B, L, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # B x L x 3D
-        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each B x H x L x D/H
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x, attn_mask=None, is_causal=False, packing=None):
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)            # B x L x 3D (packed: T x 3D)
+        if packing is None:
+            return self.out_proj(multi_head_attention(qkv, self.heads, attn_mask, is_causal))
+        return self.out_proj(packed_attention(qkv, self.heads, packing))
 
 
 class QuickGELU(nn.Module):
@@ -219,8 +297,8 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(mlp_dim, width)),
         ]))
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+    def forward(self, x, attn_mask=None, is_causal=False, packing=None):
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, packing=packing)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -230,11 +308,11 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_dim, quick_gelu) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def run_block(self, i, x, attn_mask=None, is_causal=False):
+    def run_block(self, i, x, attn_mask=None, is_causal=False, packing=None):
         block = self.resblocks[i]
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-        return block(x, attn_mask=attn_mask, is_causal=is_causal)
+            return checkpoint(block, x, attn_mask, is_causal, packing, use_reentrant=False)
+        return block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         for i in range(len(self.resblocks)):
@@ -304,40 +382,41 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.proj, std=cfg.width ** -0.5)
 
     def shorten(self, x, sample, boundaries=None):
-        """Cut patch tokens into segments and mean-pool them; CLS stays in front.
+        """Cut patch tokens into segments and mean-pool them; CLS stays in front of each image.
 
-        x: B x (1+N) x D -> B x (1+S) x D, the attention mask for later blocks, and the
-        boundaries, prior loss and rate. Given `boundaries` (B x N, last patch 1) replace
-        the predicted ones, e.g. to count FLOPs at an exact rate.
+        x: B x (1+N) x D -> the T x D packed real tokens (T = sum of 1 + S_b) and their
+        Packing, the boundaries, and the prior loss. Given `boundaries` (B x N, last patch
+        1) replace the predicted ones, e.g. to count FLOPs at an exact rate.
         """
         logits = self.boundary_predictor(x[:, 1:]).float()     # B x N, float32 even under autocast
         if boundaries is None and sample:
             boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
         elif boundaries is None:
             boundaries = eval_boundaries(logits)
-        # on GPU the padded length is rounded up to a multiple of 8: fewer distinct shapes, so
-        # cuDNN's attention plans (built once per shape, ~0.1 s each on an H100) are reused
-        pooled, valid = pool_segments(x[:, 1:], boundaries, multiple=8 if x.is_cuda else 1)  # B x S x D, B x S
-        x = torch.cat([x[:, :1], pooled], 1)                   # B x (1+S) x D
-        keep = torch.cat([valid.new_ones(len(x), 1), valid], 1)  # B x (1+S)
-        attn_mask = keep[:, None, None, :]                     # B x 1 x 1 x (1+S): padding is never a key
-        aux_loss = boundary_loss(boundaries, 1 / self.cfg.compress)
-        return x, keep, attn_mask, boundaries, aux_loss
+        # on GPU the padded layout (attention without flash varlen, and the outputs) is rounded up
+        # to a multiple of 8: fewer distinct shapes, so cuDNN's per-shape attention plans are reused
+        packing = packing_plan(1 + boundaries.detach().sum(1).long(), multiple=8 if x.is_cuda else 1)
+        pooled, _ = pool_segments(x[:, 1:], boundaries, segments=packing.padded_len - 1)  # B x S x D
+        x = pack(torch.cat([x[:, :1], pooled], 1), packing)    # T x D
+        return x, packing, boundaries, boundary_loss(boundaries, 1 / self.cfg.compress)
 
     def run(self, images, sample, last_layer, boundaries=None):
-        """Blocks 0..last_layer; returns the B x (1+S) x D tokens and what pooling produced."""
+        """Blocks 0..last_layer; returns B x (1+S) x D tokens, which are real, and what pooling produced."""
         B = images.shape[0]
         x = self.conv1(images).flatten(2).transpose(1, 2)      # B x N x D, raster order
         x = torch.cat([self.class_embedding.expand(B, 1, -1).to(x.dtype), x], 1)  # B x (1+N) x D
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
-        keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # B x (1+N)
-        attn_mask = None
+        packing = None
         aux_loss, rate = x.new_zeros(()), x.new_ones(())
         for i in range(last_layer + 1):
             if i == self.cfg.pre_layers and self.boundary_predictor is not None:
-                x, keep, attn_mask, boundaries, aux_loss = self.shorten(x, sample, boundaries)
+                x, packing, boundaries, aux_loss = self.shorten(x, sample, boundaries)  # from here on T x D
                 rate = boundaries.detach().mean()
-            x = self.transformer.run_block(i, x, attn_mask)
+            x = self.transformer.run_block(i, x, packing=packing)
+        if packing is None:
+            keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # B x (1+N)
+        else:  # back to the padded layout that callers read
+            x, keep = unpack(x, packing), packing.key_mask.view(B, -1)        # B x (1+S) x D, B x (1+S)
         return x, keep, boundaries, aux_loss.float(), rate.float()
 
     def forward(self, images, sample=None, boundaries=None):
@@ -381,8 +460,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.02)
         nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
 
-    def encode_image(self, images, sample=None):
-        return self.visual(images, sample=sample)
+    def encode_image(self, images, sample=None, boundaries=None):
+        return self.visual(images, sample=sample, boundaries=boundaries)
 
     def encode_text(self, text):
         """text: B x L token ids, padded with 0 after the end-of-text token -> B x embed_dim.
@@ -396,9 +475,9 @@ class CLIP(nn.Module):
         eot = torch.where(text != 0, positions, 0).argmax(1)   # B
         return x[torch.arange(len(x), device=x.device), eot] @ self.text_projection
 
-    def forward(self, images, text):
+    def forward(self, images, text, boundaries=None):
         """Normalised image and text features, the logit scale, and the full VisionOutput."""
-        vision = self.encode_image(images)
+        vision = self.encode_image(images, boundaries=boundaries)
         image_features = F.normalize(vision.embedding, dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp(), vision

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, even_boundaries, force_last_boundary,
-                   make_config, pool_segments, sample_boundaries)
+                   make_config, pack, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
 
 
 def naive_pool(x, boundaries):
@@ -300,3 +300,149 @@ def test_pool_segments_rounds_padding_up_without_changing_results():
     assert torch.equal(padded_valid[:, :valid.shape[1]], valid) and not padded_valid[:, valid.shape[1]:].any()
     torch.testing.assert_close(padded[:, :pooled.shape[1]], pooled)
     assert (padded[:, pooled.shape[1]:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- packed tokens after pooling
+
+def reference_drip(model, images, seed):
+    """DRIP's training forward written out plainly: after pooling, every image runs the
+    remaining blocks alone on its own real tokens (no padding, no packing, no mask), with
+    the boundaries the model samples under `seed`."""
+    torch.manual_seed(seed)
+    cfg, B = model.cfg, len(images)
+    x = model.conv1(images).flatten(2).transpose(1, 2)
+    x = model.ln_pre(torch.cat([model.class_embedding.expand(B, 1, -1), x], 1) + model.positional_embedding)
+    for block in model.transformer.resblocks[:cfg.pre_layers]:
+        x = block(x)
+    boundaries = force_last_boundary(sample_boundaries(model.boundary_predictor(x[:, 1:]).float(), cfg.tau))
+    pooled, valid = pool_segments(x[:, 1:], boundaries)
+    embeddings, tokens = [], []
+    for b in range(B):
+        seq = torch.cat([x[b, :1], pooled[b, valid[b]]])[None]        # 1 x (1+S_b) x D
+        for block in model.transformer.resblocks[cfg.pre_layers:]:
+            seq = block(seq)
+        embeddings.append(model.ln_post(seq[0, 0]) @ model.proj)
+        tokens.append(seq[0, 1:])
+    return torch.stack(embeddings), tokens, boundaries
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_packed_path_equals_each_image_run_alone(grad_checkpointing):
+    """Outputs and every parameter gradient (predictor included) of the packed batch equal
+    those of running each image's real tokens through the blocks on its own."""
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=4)).train()
+    model.transformer.grad_checkpointing = grad_checkpointing
+    size = model.cfg.image_size
+    images = torch.randn(6, 3, size, size) * torch.linspace(0.2, 3, 6).view(6, 1, 1, 1)
+    weight = torch.randn(model.cfg.embed_dim)
+
+    def gradients(forward):
+        model.zero_grad()
+        embedding, boundaries = forward()
+        (embedding @ weight).sum().backward()
+        return embedding.detach(), boundaries, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def packed():
+        torch.manual_seed(1)
+        out = packed.out = model(images)
+        return out.embedding, out.boundaries
+
+    reference_tokens = []
+
+    def reference():
+        embedding, tokens, boundaries = reference_drip(model, images, seed=1)
+        reference_tokens.extend(t.detach() for t in tokens)
+        return embedding, boundaries
+
+    embedding, boundaries, grads = gradients(packed)
+    ref_embedding, ref_boundaries, ref_grads = gradients(reference)
+    counts = boundaries.sum(1)
+    assert torch.equal(boundaries.detach(), ref_boundaries.detach()) and len(set(counts.tolist())) > 1
+    torch.testing.assert_close(embedding, ref_embedding, atol=1e-5, rtol=1e-4)
+    for b, tokens in enumerate(reference_tokens):  # the padded layout callers read: real rows, then zeros
+        S = int(counts[b])
+        assert packed.out.valid[b].sum() == S and not packed.out.valid[b, S:].any()
+        torch.testing.assert_close(packed.out.tokens[b, :S].detach(), tokens, atol=1e-5, rtol=1e-4)
+        assert (packed.out.tokens[b, S:] == 0).all()
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert grads["boundary_predictor.out.weight"].abs().sum() > 0
+
+
+def test_packing_plan_matches_a_naive_loop():
+    lengths = [3, 1, 4, 2]
+    plan = packing_plan(torch.tensor(lengths), multiple=8)
+    assert plan.index.tolist() == [b * 8 + j for b, n in enumerate(lengths) for j in range(n)]
+    assert plan.cu_seqlens.tolist() == [0, 3, 4, 8, 10] and plan.cu_seqlens.dtype == torch.int32
+    assert (plan.max_len, plan.padded_len, plan.equal) == (4, 8, False)
+    assert plan.key_mask.shape == (4, 1, 1, 8)
+    assert plan.key_mask[:, 0, 0].tolist() == [[j < n for j in range(8)] for n in lengths]
+    x = torch.randn(4, 8, 5)
+    packed = pack(x, plan)
+    torch.testing.assert_close(packed, torch.cat([x[b, :n] for b, n in enumerate(lengths)]))
+    back = unpack(packed, plan)
+    for b, n in enumerate(lengths):
+        assert torch.equal(back[b, :n], x[b, :n]) and (back[b, n:] == 0).all()
+    assert packing_plan(torch.tensor([3, 3])).equal
+
+
+def test_packed_blocks_compute_only_real_tokens_and_compress_1_stays_padded_free():
+    """After pooling, every block sees exactly the batch's real tokens (T x D); compress 1 runs
+    the plain B x (1+N) x D path with no packing at all."""
+    torch.manual_seed(0)
+    for compress in (1, 4):
+        model = VisionTransformer(make_config("tiny", compress=compress)).train()
+        shapes = []
+        hooks = [block.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(
+            (tuple(args[0].shape), kwargs.get("packing"))), with_kwargs=True) for block in model.transformer.resblocks]
+        images = torch.randn(5, 3, model.cfg.image_size, model.cfg.image_size)
+        out = model(images)
+        for hook in hooks:
+            hook.remove()
+        if compress == 1:
+            assert all(shape == (5, 1 + model.num_patches, 128) and packing is None for shape, packing in shapes)
+            continue
+        real = 5 + int(out.valid.sum())
+        assert all(shape == (real, 128) and packing is not None for shape, packing in shapes[model.cfg.pre_layers:])
+
+
+def test_varlen_attention_is_chosen_only_where_it_can_run(monkeypatch):
+    assert not use_varlen(torch.zeros(2, 3)) and not use_varlen(torch.zeros(2, 3, dtype=torch.bfloat16))
+    # on the CPU, bf16 autocast takes the padded fallback, forward and backward, without error
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=4)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, model.cfg.image_size, model.cfg.image_size))
+    out.embedding.float().sum().backward()
+    assert model.boundary_predictor.out.weight.grad.abs().sum() > 0
+    if torch.cuda.is_available():
+        monkeypatch.setenv("DRIP_VARLEN", "0")
+        assert not use_varlen(torch.zeros(2, 3, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
+def test_varlen_path_matches_the_padded_fallback_on_gpu(monkeypatch):
+    """bf16 on CUDA: the flash varlen path and DRIP_VARLEN=0's padded fallback give the same
+    outputs and gradients, to bf16 tolerance."""
+    from model import varlen_attn
+    if varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen (2.10+)")
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=4)).cuda().train()
+    images = torch.randn(16, 3, model.cfg.image_size, model.cfg.image_size, device="cuda")
+    assert use_varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("DRIP_VARLEN", switch)
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images)
+        out.embedding.float().pow(2).sum().backward()
+        results.append((out.embedding.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (varlen_out, varlen_grads), (padded_out, padded_grads) = results
+    torch.testing.assert_close(varlen_out, padded_out, atol=2e-2, rtol=2e-2)
+    for name, grad in varlen_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=5e-2, rtol=5e-2, msg=name)
