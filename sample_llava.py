@@ -1,16 +1,37 @@
-"""Answer a prompt about an image with a LLaVA trained by train_llava.py (greedy decoding).
+"""Answer a prompt about an image with a LLaVA trained by train_llava.py (greedy decoding),
+or every question of a LLaVA benchmark question file into LLaVA's answers file.
 
     python sample_llava.py --out_dir out/llava_c4 --image data/shapes_llava/images/val/00000.jpg \\
         --prompt "What colour is the shape?"
+    torchrun --nproc_per_node=8 sample_llava.py --out_dir out/llava_c4 --question_file llava_textvqa_val_v051_ocr.jsonl \\
+        --image_folder textvqa/train_images --answers_file answers/textvqa.jsonl
+    python sample_llava.py --out_dir out/llava_c4 --question_file llava_test_CQM-A.json \\
+        --image_folder scienceqa/images/test --single_pred_prompt --answers_file answers/scienceqa.jsonl
 
 The model is rebuilt from what its checkpoint records: the image tower and LLM paths it
 was trained from, the projector, the feature layer and the LoRA settings.
+
+Question files are LLaVA's: JSON lines {"question_id", "image" (optional), "text",
+"category" (optional)} as its model_vqa / model_vqa_loader read them (POPE, GQA, TextVQA,
+MME, MM-Vet, ...), or ScienceQA's JSON list {"id", "image" (optional), "conversations":
+[{"from": "human", "value": ...}, ...]} as model_vqa_science reads it. Each question is
+asked as LLaVA does ("<image>\\n" + text, Vicuna-v1's template); --single_pred_prompt adds
+LLaVA's line "Answer with the option's letter from the given choices directly." for
+multiple choice. Questions are split over ranks (rank r takes every world_size-th one),
+answered batch_size at a time, and merged on rank 0 into one answers file in question
+order, one JSON line per question as LLaVA writes them: {"question_id", "prompt", "text",
+"answer_id", "model_id", "metadata": {}}, so the benchmarks' official scorers read it
+unchanged. answer_id is a UUID made from model_id and question_id (LLaVA draws a random
+one), so a rerun writes the same file.
 """
+import json
 import os
+import uuid
 
 import torch
+import torch.distributed as dist
 
-from common import autocast_context, die, load_image_tower, parse_overrides
+from common import Progress, autocast_context, die, load_image_tower, parse_overrides, setup_distributed
 from data import image_transform, load_image
 from model import LLaVA, add_lora
 from text import load_llama, tokenize_conversation
@@ -21,19 +42,80 @@ out_dir = "out/llava_c1"    # train_llava.py's output folder: its stage 2 checkp
 ckpt = ""                   # a train_llava.py stage checkpoint instead of the newest one in out_dir
 image = ""                  # the image asked about; empty = a text-only prompt
 prompt = ""                 # the user's question
+question_file = ""          # LLaVA's question file (JSON lines, or ScienceQA's JSON list): answer all of it instead
+image_folder = ""           # the question file's image paths are relative to it
+answers_file = ""           # where LLaVA's answers file goes; empty = out_dir/answers/<question file's name>.jsonl
+single_pred_prompt = False  # multiple choice (ScienceQA): ask for the option's letter, as LLaVA's --single-pred-prompt
+model_id = ""               # the answers' model_id; empty = the checkpoint's run folder name
+batch_size = 16             # questions per generate call, per rank
 max_new_tokens = 32
 dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
 config = parse_overrides(globals())
 globals().update(config)
 # -----------------------------------------------------------------------------
 
-if not prompt:
-    die("give --prompt (and usually --image)")
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's words
+
+
+def read_questions(path):
+    """LLaVA's question file -> [{"question_id", "image" or None, "text"}], checked; a bad entry stops the run."""
+    try:
+        with open(path) as f:
+            content = f.read()
+    except OSError as e:
+        die(f"cannot read --question_file {path} ({e})")
+    try:
+        entries = json.loads(content) if content.lstrip().startswith("[") else \
+            [json.loads(line) for line in content.splitlines() if line.strip()]
+    except ValueError as e:
+        die(f"{path} is neither JSON lines nor a JSON list ({e})")
+    questions = []
+    for n, entry in enumerate(entries):
+        if isinstance(entry, dict) and "conversations" in entry:  # ScienceQA's LLaVA JSON: the first human turn
+            turns = entry["conversations"]
+            text = turns[0].get("value") if turns and isinstance(turns[0], dict) else None
+            entry = {"question_id": entry.get("id"), "image": entry.get("image"),
+                     "text": text.replace("<image>", "").strip() if isinstance(text, str) else None}
+        if not isinstance(entry, dict) or entry.get("question_id") is None or not isinstance(entry.get("text"), str):
+            die(f"{path}: entry {n + 1} has no question_id and text (or id and conversations)")
+        questions.append({"question_id": entry["question_id"], "image": entry.get("image"), "text": entry["text"]})
+    if not questions:
+        die(f"{path} holds no questions")
+    return questions
+
+
+def answer_batch(model, tok, questions, device):
+    """Greedy answers (strings) to a batch of questions, each asked as LLaVA asks it."""
+    transform = image_transform(model.visual.cfg.image_size)
+    ids, pixels = [], []
+    for q in questions:
+        ids.append(tokenize_conversation(tok, [{"from": "human", "value": ("<image>\n" if q["image"] else "") + q["prompt"]}])[0].to(device))
+        if q["image"]:
+            try:
+                pixels.append(transform(load_image(os.path.join(image_folder, q["image"]))))
+            except OSError as e:
+                die(f"question {q['question_id']}: cannot read image {q['image']} under --image_folder ({e})")
+    images = torch.stack(pixels).to(device) if pixels else None  # the images of the questions that have one, in order
+    with torch.no_grad(), autocast:
+        answers = model.generate(ids, images, [bool(q["image"]) for q in questions], max_new_tokens)
+    return [tok.decode(a).strip() for a in answers]
+
+
+# ----------------------------------------------------------------------------- set-up
+
+if not prompt and not question_file:
+    die("give --prompt (and usually --image), or --question_file")
 if max_new_tokens < 1:
     die(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+if batch_size < 1:
+    die(f"--batch_size must be at least 1, got {batch_size}")
 if image and not os.path.isfile(image):
     die(f"no image at {image}")
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+questions = read_questions(question_file) if question_file else []
+missing = [q["image"] for q in questions if q["image"] and not os.path.isfile(os.path.join(image_folder, q["image"]))]
+if missing:  # checked on every rank before any work: all stop together, nothing half-written
+    die(f"{len(missing)} image(s) of {question_file} not found under --image_folder {image_folder or '.'}, e.g. {missing[0]}")
+rank, world_size, device = setup_distributed()
 dtype, autocast = autocast_context(device, dtype, ("bfloat16", "float16", "float32"))
 ckpt = ckpt or next((p for p in (os.path.join(out_dir, f"stage{s}", "ckpt.pt") for s in (2, 1)) if os.path.isfile(p)), "")
 if not os.path.isfile(ckpt):
@@ -53,13 +135,45 @@ if model.load_state_dict(saved["model"], strict=False).unexpected_keys:  # it ho
     die(f"{ckpt} does not fit the model its own run config describes")
 model.to(device).eval()
 
-ids, _ = tokenize_conversation(tok, [{"from": "human", "value": ("<image>\n" if image else "") + prompt}])
-pixels = None
-if image:
-    try:
-        pixels = image_transform(visual.cfg.image_size)(load_image(image))[None].to(device)  # 1 x 3 x H x W
-    except OSError as e:
-        die(f"cannot read image {image} ({e})")
-with torch.no_grad(), autocast:
-    answer = model.generate([ids.to(device)], pixels, [bool(image)], max_new_tokens)[0]
-print(tok.decode(answer).strip())
+# ----------------------------------------------------------------------------- one prompt
+
+if not question_file:
+    print(answer_batch(model, tok, [{"question_id": 0, "image": image and os.path.abspath(image), "prompt": prompt}], device)[0])
+    raise SystemExit(0)
+
+# ----------------------------------------------------------------------------- a benchmark's question file
+
+model_id = model_id or os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))))
+answers_file = answers_file or os.path.join(out_dir, "answers", os.path.splitext(os.path.basename(question_file))[0] + ".jsonl")
+for q in questions:
+    q["prompt"] = q["text"] + ("\n" + SINGLE_PRED_PROMPT if single_pred_prompt else "")
+mine = list(range(rank, len(questions), world_size))  # this rank's questions, by index
+answered = []                                          # (index, answer text)
+batches = -(-len(mine) // batch_size)
+progress = Progress(0, max(1, batches), max(1, batches), "questions")
+if rank == 0:
+    print(f"{len(questions)} questions of {question_file}, {world_size} rank(s), {batches} batches of {batch_size} "
+          f"a rank, {device} {dtype}", flush=True)
+for start in range(0, len(mine), batch_size):
+    batch = mine[start:start + batch_size]
+    answered += zip(batch, answer_batch(model, tok, [questions[i] for i in batch], device))
+    progress.advance(len(batch) * world_size)
+    if rank == 0:
+        print(f"batch {progress.step}/{batches} {progress.report()}", flush=True)
+if world_size > 1:
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(answered, parts, dst=0)
+    answered = [a for part in parts for a in part] if rank == 0 else []
+if rank == 0:
+    text_of = dict(answered)
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
+    tmp = answers_file + ".tmp"
+    with open(tmp, "w") as f:
+        for i, q in enumerate(questions):  # question order, whatever rank answered
+            f.write(json.dumps({"question_id": q["question_id"], "prompt": q["prompt"], "text": text_of[i],
+                                "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{q['question_id']}").hex,
+                                "model_id": model_id, "metadata": {}}) + "\n")
+    os.replace(tmp, answers_file)  # a crash never leaves half an answers file
+    print(f"{len(questions)} answers written to {answers_file}")
+if dist.is_initialized():
+    dist.destroy_process_group()

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -291,3 +292,49 @@ def test_bad_entries_stop_with_one_line(setup, tmp_path, entry, message):
     args[args.index("--instruct_data") + 1] = str(tmp_path / "bad.json")
     result = run(args + ["--stage", "2"], check=False)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- benchmark answer files (sample_llava.py)
+
+def test_question_file_answered_in_order_the_same_on_one_and_two_ranks(setup, tokenizer_file):
+    """LLaVA's question file (JSON lines) on 1 rank and the same questions as ScienceQA's JSON list on
+    2 ranks, batched differently: every question answered once, in order, LLaVA's fields, same answers."""
+    root = setup / "answering"
+    torch.manual_seed(1)
+    llm = Llama(replace(LLAMA_CONFIGS["tiny"], vocab_size=120))  # the tokenizer's 120 pieces: every answer decodes
+    model = LLaVA(CLIP(make_config("tiny", compress=4)).visual, llm)
+    with torch.no_grad():  # larger weights: the small init gives one answer whatever it is asked
+        for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
+            if "norm" not in name:
+                p.normal_(0, 1.0 if "embed" in name else 0.3)
+    save_llama(model.llm, tokenizer_file, str(root / "llm"))
+    run_config = {"model": "tiny", "compress": 4.0, "quick_gelu": False, "projector": "mlp2x_gelu", "feature_layer": -2}
+    os.makedirs(root / "run" / "stage2")
+    torch.save({"model": {"projector." + k: v for k, v in model.projector.state_dict().items()}, "run_config": run_config,
+                "sources": {"vision": str(setup / "clip.pt"), "llm": str(root / "llm")}, "lora": None},
+               root / "run" / "stage2" / "ckpt.pt")
+    questions = [{"question_id": i if i % 3 else f"q{i}", "image": f"{i}.jpg", "text": "where is the green ring"}
+                 for i in range(8)]
+    questions[2]["category"] = "colour"
+    questions[5]["text"] = "it is a blue circle\nA. red\nB. blue\nC. a yellow cross"
+    questions.insert(4, {"question_id": "text-only", "text": "the shape is red"})
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "science.json").write_text(json.dumps([
+        {"id": q["question_id"], **({"image": q["image"]} if "image" in q else {}), "conversations": [
+            {"from": "human", "value": ("<image>\n" if "image" in q else "") + q["text"]}, {"from": "gpt", "value": "A"}]}
+        for q in questions]))
+    common = ["--out_dir", str(root / "run"), "--image_folder", str(setup / "images"), "--single_pred_prompt",
+              "--max_new_tokens", "4"]
+    run(common + ["--question_file", str(root / "questions.jsonl"), "--batch_size", "4"], script="sample_llava.py")
+    run(common + ["--question_file", str(root / "science.json"), "--batch_size", "3", "--answers_file",
+                  str(root / "two.jsonl"), "--model_id", "two"], nproc=2, script="sample_llava.py")
+    one = [json.loads(line) for line in (root / "run" / "answers" / "questions.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (root / "two.jsonl").read_text().splitlines()]
+    for answers, model_id in ((one, "run"), (two, "two")):
+        assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+        assert all(list(a) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"] for a in answers)
+        assert all(a["model_id"] == model_id and a["metadata"] == {} and len(a["answer_id"]) == 32 for a in answers)
+        assert [a["prompt"] for a in answers] == [
+            q["text"] + "\nAnswer with the option's letter from the given choices directly." for q in questions]
+    assert [a["text"] for a in one] == [a["text"] for a in two]
+    assert len({a["text"] for a in one}) > 2  # answers depend on the question and image
