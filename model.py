@@ -346,7 +346,7 @@ class BoundaryPredictor(nn.Module):
         self.ln = nn.LayerNorm(width)
         self.fc = nn.Linear(width, width)
         self.out = nn.Linear(width, 1)
-        self.bias_init = math.log(p / (1 - p))  # logit(p): on target from step 0
+        self.bias_init = math.log(p / (1 - p))  # logit(p)
 
     def forward(self, x):                                       # B x N x D -> B x N
         return self.out(F.gelu(self.fc(self.ln(x)))).squeeze(2)
@@ -374,8 +374,10 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.quick_gelu)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(torch.zeros(cfg.width, cfg.embed_dim))
-        # compress = 1 is the plain ViT: no predictor parameters at all
-        self.boundary_predictor = BoundaryPredictor(cfg.width, 1 / cfg.compress) if cfg.compress > 1 else None
+        # compress = 1 is the plain ViT: no predictor parameters at all. The predictor starts on target:
+        # the last patch always ends a segment, so the other N-1 patches carry N/compress - 1 boundaries
+        rest = min(max((self.num_patches / cfg.compress - 1) / (self.num_patches - 1), 1e-3), 1 - 1e-3)
+        self.boundary_predictor = BoundaryPredictor(cfg.width, rest) if cfg.compress > 1 else None
         self.apply(init_weights)
         nn.init.normal_(self.class_embedding, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.02)

@@ -446,3 +446,18 @@ def test_varlen_path_matches_the_padded_fallback_on_gpu(monkeypatch):
     torch.testing.assert_close(varlen_out, padded_out, atol=2e-2, rtol=2e-2)
     for name, grad in varlen_grads.items():
         torch.testing.assert_close(grad, padded_grads[name], atol=5e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("name,compress", [("tiny", 4), ("tiny", 2), ("ViT-B-16", 4)])
+def test_predictor_starts_at_the_target_rate(name, compress):
+    """With the forced last boundary counted, a fresh model samples N/compress boundaries per
+    image on average, and its eval rule keeps round(N/compress)."""
+    torch.manual_seed(0)
+    cfg = make_config(name, compress=compress)
+    N = (cfg.image_size // cfg.patch_size) ** 2
+    predictor = VisionTransformer(cfg).boundary_predictor
+    predictor.fc.weight.data.zero_()  # logits = the initial output bias alone
+    logits = predictor(torch.randn(256, N, cfg.width)).detach()
+    sampled = force_last_boundary(sample_boundaries(logits)).sum(1).mean().item()
+    assert sampled == pytest.approx(N / compress, rel=0.03)
+    assert eval_boundaries(logits).sum(1).unique().tolist() == [round(N / compress)]
