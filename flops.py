@@ -14,7 +14,7 @@ every op fvcore still skips is printed. For compress > 1 the count uses DynamicV
 convention: boundaries evenly spaced at exactly the target rate. With --ckpt and
 --images the model's own predicted boundaries are counted too, averaged over images.
 
-With --llm_model (a named Llama config or a Hugging Face directory's config.json) the
+With --llm_model (a named Llama config) or --llm (a Hugging Face directory's config.json) the
 LLaVA cost per image is added: the image tokens the language model reads (the valid
 segment tokens of --feature_layer, CLS dropped), the tower up to that layer, the
 projector, and the LLM prefill over those image tokens plus --prompt_tokens text tokens
@@ -152,22 +152,22 @@ def projector_macs(width, hidden, projector, tokens):
     return tokens * (width * hidden + (hidden * hidden if projector == "mlp2x_gelu" else 0))
 
 
-def llm_config(name_or_dir):
-    """A named Llama config (model.LLAMA_CONFIGS) or a Hugging Face directory's config.json."""
-    if name_or_dir in LLAMA_CONFIGS:
-        return LLAMA_CONFIGS[name_or_dir]
-    path = os.path.join(name_or_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"--llm_model {name_or_dir} is neither a named config ({', '.join(LLAMA_CONFIGS)}) "
-                         "nor a directory with a config.json")
-    with open(path) as f:
-        return llama_config_from_hf(json.load(f))
+def llm_config(name, directory):
+    """--llm_model: a named Llama config (model.LLAMA_CONFIGS), or --llm: a Hugging Face directory's config.json."""
+    if directory:
+        path = os.path.join(directory, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--llm {directory} has no config.json; give a Hugging Face Llama directory")
+        with open(path) as f:
+            return llama_config_from_hf(json.load(f))
+    if name not in LLAMA_CONFIGS:
+        raise ValueError(f"unknown --llm_model {name!r}; choose one of {', '.join(LLAMA_CONFIGS)}, or give --llm DIR")
+    return LLAMA_CONFIGS[name]
 
 
-def llava_rows(model_name, compresses, pre_layers, llm_name, prompt_tokens, projector, feature_layer):
+def llava_rows(model_name, compresses, pre_layers, llm, llm_name, prompt_tokens, projector, feature_layer):
     """Per image, for each compression: image tokens into the LLM and the analytic multiply-adds of
     the tower up to `feature_layer`, the projector and the LLM prefill of prompt_tokens + image tokens."""
-    llm = llm_config(llm_name)
     rows = []
     for compress in compresses:
         cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
@@ -313,8 +313,9 @@ def main():
     parser.add_argument("--ckpt", help="a train_clip.py checkpoint: also count with its predicted boundaries")
     parser.add_argument("--images", help="folder of images for --ckpt")
     parser.add_argument("--max_images", type=int, default=50)
-    parser.add_argument("--llm_model", help="LLaVA's language model: a named Llama config (e.g. vicuna-7b) or a "
-                        "Hugging Face directory; adds the LLaVA cost per image")
+    parser.add_argument("--llm_model", help="LLaVA's language model, a named Llama config (e.g. vicuna-7b): "
+                        "adds the LLaVA cost per image")
+    parser.add_argument("--llm", help="... or a Hugging Face Llama directory (its config.json)")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="text tokens of the prompt besides the image: "
                         "Vicuna's system prompt (~32), a short question and LLaVA-1.5's answer-format line")
     parser.add_argument("--projector", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu")
@@ -334,8 +335,7 @@ def main():
         parser.error("--ckpt and --images go together")
     try:
         make_config(args.model)
-        if args.llm_model:
-            llm_config(args.llm_model)
+        llm = llm_config(args.llm_model, args.llm) if args.llm_model or args.llm else None
     except ValueError as e:
         parser.error(str(e))
 
@@ -343,9 +343,9 @@ def main():
     result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped)}
     if args.ckpt:
         result["checkpoint"] = checkpoint_row(args.ckpt, args.images, args.max_images, skipped)
-    if args.llm_model:
-        result["llava"] = llava_rows(args.model, args.compress, args.pre_layers, args.llm_model, args.prompt_tokens,
-                                     args.projector, args.feature_layer)
+    if llm:
+        result["llava"] = llava_rows(args.model, args.compress, args.pre_layers, llm, args.llm or args.llm_model,
+                                     args.prompt_tokens, args.projector, args.feature_layer)
     if args.bench:
         result["bench"] = bench_rows(args, torch.device(args.device))
     result["fvcore_skipped_ops"] = dict(skipped)
@@ -365,10 +365,10 @@ def main():
         print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "
               f"boundaries (rate {c['measured_rate']:.3f}, target {c['target_rate']:.3f}; "
               f"{c['image_gflops_target_rate']:.3f} at the target rate)")
-    if args.llm_model:
+    if llm:
         r0 = result["llava"][0]
         print(f"\nLLaVA per image: {args.model} at {r0['image_size']} px, features of block {args.feature_layer}, "
-              f"{args.projector} projector, {args.llm_model} prefill of {args.prompt_tokens} text tokens + the image tokens")
+              f"{args.projector} projector, {r0['llm']} prefill of {args.prompt_tokens} text tokens + the image tokens")
         print(f"{'compress':>8} {'image tokens':>12} {'tower':>7} {'projector':>9} {'LLM prefill':>11} {'ratio':>6} "
               f"{'total':>8} {'ratio':>6}  (GFLOPs)")
         for r in result["llava"]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flops import ImageTower, TextTower, fvcore_macs, llm_prefill_macs, projector_macs, text_tower_macs
+from flops import ImageTower, TextTower, fvcore_macs, llm_config, llm_prefill_macs, projector_macs, text_tower_macs
 from model import CLIP, LLAMA_CONFIGS, Llama, LlamaConfig, LLaVA, even_boundaries, image_tower_macs, make_config
 
 
@@ -134,3 +134,10 @@ def test_vicuna_prefill_per_token_is_its_matrix_parameters():
     matrices = sum(p.numel() for n, p in llm.named_parameters() if "norm" not in n and "embed_tokens" not in n)
     attention = cfg.num_hidden_layers * 2 * cfg.hidden_size  # 2 * L * L * heads * d at L = 1
     assert llm_prefill_macs(cfg, 1) == matrices + attention
+
+
+def test_llm_config_from_a_hugging_face_directory(tmp_path):
+    tiny = LLAMA_CONFIGS["tiny"]
+    hf = {k: v for k, v in tiny.__dict__.items() if k not in ("head_dim", "rope_scaling")} | {"model_type": "llama"}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert llm_config(None, str(tmp_path)) == tiny and llm_config("vicuna-7b", None) == LLAMA_CONFIGS["vicuna-7b"]
