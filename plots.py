@@ -24,7 +24,6 @@ from matplotlib.lines import Line2D  # noqa: E402
 from common import die  # noqa: E402
 
 DPI = 100
-STYLES = ["-", "--", "-.", (0, (1, 1))]
 
 
 def save(fig, path):
@@ -125,20 +124,23 @@ def plot_accuracy_vs_gflops(results, path, title="accuracy against compute",
 
 # ----------------------------------------------------------------------------- training curves
 
-# title, y label, [(metrics.jsonl key, line label)]; a panel is drawn when some run has one of its keys
+# title, y label, [(metrics.jsonl key, line label)], whether the y axis starts at 0; a panel is
+# drawn when some run has one of its keys
 PANELS = [
     ("training loss", "loss", [("contrastive_loss", "contrastive"), ("train_loss", "classification"),
-                               ("loss", "next token")]),
+                               ("loss", "next token")], False),
     ("accuracy", "%", [("zero_shot_top1", "zero-shot top-1"), ("zero_shot_top5", "zero-shot top-5"),
-                       ("top1", "top-1"), ("top5", "top-5"), ("exact_match", "exact match")]),
+                       ("top1", "top-1"), ("top5", "top-5"), ("exact_match", "exact match")], False),
     ("boundary rate", "boundaries / patch", [("train_boundary_rate", "train"), ("eval_boundary_rate", "eval"),
-                                             ("target_rate", "target")]),
-    ("image tokens per sample", "tokens", [("image_tokens_per_sample", "")]),
-    ("step time", "s", [("step_time_s", "")]),
-    ("throughput", "images / s", [("images_per_s", "")]),
-    ("throughput", "LLM tokens / s", [("tokens_per_s", "")]),
-    ("peak memory", "GB", [("peak_memory_gb", "")]),
+                                             ("target_rate", "target")], False),
+    ("image tokens per sample", "tokens", [("image_tokens_per_sample", "")], True),
+    ("step time", "s", [("step_time_s", "")], True),
+    ("throughput", "images / s", [("images_per_s", "")], True),
+    ("throughput", "LLM tokens / s", [("tokens_per_s", "")], True),
+    ("peak memory", "GB", [("peak_memory_gb", "")], True),
 ]
+RATE_KEYS = ("train_boundary_rate", "eval_boundary_rate", "target_rate")
+STYLES = ["-", "--", ":", "-.", (0, (3, 1, 1, 1))]  # by a line's place among the panel's drawn metrics
 PANEL_SIZE = (4.2, 3.0)  # inches per panel
 LEGEND_HEIGHT = 0.6       # inches below the panels for the runs' legend
 
@@ -174,6 +176,14 @@ def read_metrics(run):
     return series
 
 
+def curve(records, key):
+    """(epochs, values) of one metric of one series; nothing for the boundary rate of a plain
+    ViT (compress 1: every patch its own segment, no boundaries to learn)."""
+    if key in RATE_KEYS and all(r.get("target_rate") == 1 for r in records):
+        return []
+    return [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
 def plot_curves(runs, path, title=None):
     """Training curves of one or more runs (folders or metrics.jsonl files), overlaid, one
     colour per run (per stage for LLaVA), against epochs."""
@@ -182,8 +192,8 @@ def plot_curves(runs, path, title=None):
     series = {}
     for run in runs:
         series |= read_metrics(run)
-    panels = [(t, y, [(k, label) for k, label in lines if any(k in r for rs in series.values() for r in rs)])
-              for t, y, lines in PANELS]
+    panels = [(t, y, [(k, label) for k, label in lines if any(curve(rs, k) for rs in series.values())], zero)
+              for t, y, lines, zero in PANELS]
     panels = [p for p in panels if p[2]]
     if not panels:
         die(f"{', '.join(runs)}: no metric that can be plotted (loss, accuracy, rate, time)")
@@ -191,19 +201,18 @@ def plot_curves(runs, path, title=None):
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + LEGEND_HEIGHT), layout="constrained")
     colours = {name: f"C{i % 10}" for i, name in enumerate(series)}
-    for i, (panel_title, ylabel, lines) in enumerate(panels):
+    for i, (panel_title, ylabel, lines, from_zero) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for name, records in series.items():
-            if ylabel == "boundaries / patch" and all(r.get("target_rate") == 1 for r in records):
-                continue  # a plain ViT: every patch its own segment, no boundaries to learn
             for style, (key, _) in zip(STYLES, lines):
-                points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+                points = curve(records, key)
                 if points:
-                    ax.plot(*zip(*points), linestyle=":" if key == "target_rate" else style, marker="o",
-                            markersize=3, color=colours[name])
+                    ax.plot(*zip(*points), linestyle=style, marker="o", markersize=3, color=colours[name])
         if len(lines) > 1:  # which line style is which metric; the colours are in the figure's legend
-            ax.legend([Line2D([], [], color="grey", linestyle=":" if k == "target_rate" else s)
-                       for s, (k, _) in zip(STYLES, lines)], [label for _, label in lines], fontsize=8)
+            ax.legend([Line2D([], [], color="grey", linestyle=s) for s, _ in zip(STYLES, lines)],
+                      [label for _, label in lines], fontsize=8)
+        if from_zero:
+            ax.set_ylim(0, 1.08 * ax.dataLim.y1)
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)

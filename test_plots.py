@@ -49,6 +49,9 @@ def test_curves_overlay_two_clip_runs(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [os.path.normpath(r) for r in runs]
     # the plain ViT has no boundaries to show: the rate panel holds the compress-4 run's train, eval and target
     assert [list(line.get_ydata()) for line in panels["boundary rate"].get_lines()] == [[0.25] * 3] * 3
+    assert panels["step time"].get_ylim()[0] == 0  # times, throughput and memory drawn from zero
+    alone = plot_curves(runs[:1], str(tmp_path / "c1.png"))  # and a plain ViT alone gets no rate panel
+    assert "boundary rate" not in {ax.get_title() for ax in alone.axes} and len(alone.axes) == 5
 
 
 def test_curves_of_imagenet_and_llava_runs(tmp_path):
