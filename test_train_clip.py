@@ -97,6 +97,12 @@ def test_single_process_run_with_drip(data_dir, tmp_path):
     assert os.path.getsize(os.path.join(out, "curves.png")) > 0
     checkpoint = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert checkpoint["step"] == 40 and checkpoint["model_config"]["compress"] == 4
+    # --eval_only on that checkpoint (its own config and tokenizer, no --compress given) gives the run's last numbers
+    evaluated = run(["--data_dir", data_dir, "--init_from", os.path.join(out, "ckpt.pt"), "--eval_only",
+                     "--batch_size", "16", "--workers", "0"]).stdout.splitlines()[-1].split()
+    numbers = dict(zip(evaluated[::2], evaluated[1::2]))
+    assert float(numbers["zero_shot_top1"]) == pytest.approx(last["zero_shot_top1"], abs=0.006)  # printed to 4 digits
+    assert float(numbers["eval_boundary_rate"]) == pytest.approx(last["eval_boundary_rate"], rel=1e-3)
 
 
 def test_torchrun_two_ranks(data_dir, tmp_path):

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train_clip.py --model ViT-B-16 --compress 4 \\
         --train_data 'laion/{00000..01023}.tar' --train_num_samples 10000000 \\
         --val_data imagenet/val --batch_size 256 --epochs 10  # CLIP's 1000 class names, 80 templates
+    python train_clip.py --eval_only --init_from out/clip_ViT-B-16_c4/ckpt.pt --val_data imagenet/val  # zero-shot only
 
 Options are the module-level defaults below, overridden as --key=value or --key value.
 Without --train_data, a shapes dataset is written to data/shapes (webdataset shards for
@@ -73,6 +74,7 @@ log_every = 20
 checkpoint_every = 200      # steps
 resume = False
 max_steps = 0               # stop after this many steps (0 = run all epochs); for tests and smoke runs
+eval_only = False           # zero-shot evaluation of --init_from (or out_dir's checkpoint with --resume), no training
 config = parse_overrides(globals())
 globals().update(config)
 # -----------------------------------------------------------------------------
@@ -197,6 +199,13 @@ try:
 except ValueError as e:
     die(str(e))
 
+# starting weights, read once: a train_clip.py checkpoint also brings its tokenizer (and, to evaluate, its config)
+init_weights = load_weights_file(init_from) if init_from and not resume else None
+if eval_only and init_weights is not None and "model_config" in init_weights:
+    model_config = CLIPConfig(**init_weights["model_config"])
+if eval_only and init_weights is None and not resume:
+    die("--eval_only evaluates --init_from weights (or out_dir's checkpoint with --resume); give one")
+
 checkpoint = None
 if resume:
     if not os.path.exists(ckpt_path):
@@ -208,13 +217,13 @@ if resume:
                          if getattr(model_config, k) != v)
         die(f"{ckpt_path} is a checkpoint of another configuration: {diff}; use the same --model/--compress or another --out_dir")
 
-if train_data:
+if train_data and not eval_only:
     urls = expand_shards(train_data)
     if train_num_samples <= 0:
         die("--train_num_samples is required with --train_data (samples per epoch)")
     if not val_data:
         die("--val_data DIR is required with --train_data for zero-shot evaluation (e.g. ImageNet's val/)")
-else:
+elif not (eval_only and val_data):
     urls, shapes_val, shapes_classnames, shapes_samples = builtin_shapes(data_dir, model_config.image_size)
     train_num_samples = train_num_samples or shapes_samples
     if not val_data:
@@ -240,6 +249,11 @@ if checkpoint is not None:
     tok = Tokenizer.from_str(checkpoint["tokenizer"])
 elif tokenizer:
     tok = load_tokenizer(tokenizer, model_config.context_length)
+elif init_weights is not None and "tokenizer" in init_weights:  # the ids its text tower was trained on
+    tok = Tokenizer.from_str(init_weights["tokenizer"])
+elif eval_only:
+    die("--eval_only needs the tokenizer of the --init_from weights: give --tokenizer "
+        "(bpe_simple_vocab_16e6.txt.gz for open_clip / OpenAI weights)")
 else:
     tok_path = os.path.join(out_dir, "tokenizer.json")
     if master:
@@ -259,6 +273,25 @@ if tok.get_vocab_size() > model_config.vocab_size:
 raw_model = CLIP(model_config).to(device)
 raw_model.visual.transformer.grad_checkpointing = grad_checkpointing
 raw_model.transformer.grad_checkpointing = grad_checkpointing
+if init_weights is not None:
+    try:
+        missing, unexpected = load_clip_weights(raw_model, init_weights)
+    except ValueError as e:
+        die(f"--init_from {init_from}: {e}; choose the matching --model")
+    if master:
+        print(f"initialised from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}; "
+              f"unexpected (ignored): {', '.join(unexpected) or 'none'}")
+if eval_only:
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+    if master:
+        print(zero_shot_note, flush=True)
+    result = zero_shot(raw_model, tok, val_set, names, prompts, device, autocast)
+    if master:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(0)
 decay = [p for p in raw_model.parameters() if p.ndim >= 2]
 no_decay = [p for p in raw_model.parameters() if p.ndim < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -268,14 +301,6 @@ if steps_per_epoch == 0:
     die(f"--train_num_samples {train_num_samples} is less than one batch ({batch_size} x {world_size} ranks)")
 total_steps = epochs * steps_per_epoch
 step = 0
-if init_from and checkpoint is None:
-    try:
-        missing, unexpected = load_clip_weights(raw_model, load_weights_file(init_from))
-    except ValueError as e:
-        die(f"--init_from {init_from}: {e}; choose the matching --model")
-    if master:
-        print(f"initialised from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}; "
-              f"unexpected (ignored): {', '.join(unexpected) or 'none'}")
 if checkpoint is not None:
     raw_model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
