@@ -1,5 +1,5 @@
 """Text: tokenizers for the CLIP text tower (a BPE trained on captions, or CLIP's own),
-and for LLaVA a language model's tokenizer, Hugging Face Llama directories (load and
+zero-shot prompts (CLIP's ImageNet class names and templates) and classifier, and for LLaVA a language model's tokenizer, Hugging Face Llama directories (load and
 save), an offline sentencepiece trainer and Vicuna's conversation template.
 """
 import gzip
