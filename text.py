@@ -1,6 +1,7 @@
 """Text: tokenizers for the CLIP text tower (a BPE trained on captions, or CLIP's own),
-zero-shot prompts (CLIP's ImageNet class names and templates) and classifier, and for LLaVA a language model's tokenizer, Hugging Face Llama directories (load and
-save), an offline sentencepiece trainer and Vicuna's conversation template.
+zero-shot prompts (CLIP's ImageNet class names and templates) and classifier, and for
+LLaVA a language model's tokenizer, Hugging Face Llama directories (load and save), an
+offline sentencepiece trainer and Vicuna's conversation template.
 """
 import gzip
 import io
