@@ -21,8 +21,9 @@ multiple choice. Questions are split over ranks (rank r takes every world_size-t
 answered batch_size at a time, and merged on rank 0 into one answers file in question
 order, one JSON line per question as LLaVA writes them: {"question_id", "prompt", "text",
 "answer_id", "model_id", "metadata": {}}, so the benchmarks' official scorers read it
-unchanged. answer_id is a UUID made from model_id and question_id (LLaVA draws a random
-one), so a rerun writes the same file.
+unchanged (for ScienceQA's JSON the prompt starts with "<image>\\n" where there is an
+image, as model_vqa_science writes it). answer_id is a UUID made from model_id and
+question_id (LLaVA draws a random one), so a rerun writes the same file.
 """
 import json
 import os
@@ -58,7 +59,8 @@ SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices dir
 
 
 def read_questions(path):
-    """LLaVA's question file -> [{"question_id", "image" or None, "text"}], checked; a bad entry stops the run."""
+    """LLaVA's question file -> [{"question_id", "image" or None, "text", "science"}], checked; a bad entry
+    stops the run. science marks ScienceQA's JSON, whose answers' prompt LLaVA starts with "<image>\\n"."""
     try:
         with open(path) as f:
             content = f.read()
@@ -74,11 +76,12 @@ def read_questions(path):
         if isinstance(entry, dict) and "conversations" in entry:  # ScienceQA's LLaVA JSON: the first human turn
             turns = entry["conversations"]
             text = turns[0].get("value") if turns and isinstance(turns[0], dict) else None
-            entry = {"question_id": entry.get("id"), "image": entry.get("image"),
+            entry = {"question_id": entry.get("id"), "image": entry.get("image"), "science": True,
                      "text": text.replace("<image>", "").strip() if isinstance(text, str) else None}
         if not isinstance(entry, dict) or entry.get("question_id") is None or not isinstance(entry.get("text"), str):
             die(f"{path}: entry {n + 1} has no question_id and text (or id and conversations)")
-        questions.append({"question_id": entry["question_id"], "image": entry.get("image"), "text": entry["text"]})
+        questions.append({"question_id": entry["question_id"], "image": entry.get("image"), "text": entry["text"],
+                          "science": entry.get("science", False)})
     if not questions:
         die(f"{path} holds no questions")
     return questions
@@ -145,8 +148,9 @@ if not question_file:
 
 model_id = model_id or os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))))
 answers_file = answers_file or os.path.join(out_dir, "answers", os.path.splitext(os.path.basename(question_file))[0] + ".jsonl")
-for q in questions:
+for q in questions:  # the question asked, and the prompt recorded as LLaVA records it
     q["prompt"] = q["text"] + ("\n" + SINGLE_PRED_PROMPT if single_pred_prompt else "")
+    q["recorded"] = ("<image>\n" if q["science"] and q["image"] else "") + q["prompt"]
 mine = list(range(rank, len(questions), world_size))  # this rank's questions, by index
 answered = []                                          # (index, answer text)
 batches = -(-len(mine) // batch_size)
@@ -170,7 +174,7 @@ if rank == 0:
     tmp = answers_file + ".tmp"
     with open(tmp, "w") as f:
         for i, q in enumerate(questions):  # question order, whatever rank answered
-            f.write(json.dumps({"question_id": q["question_id"], "prompt": q["prompt"], "text": text_of[i],
+            f.write(json.dumps({"question_id": q["question_id"], "prompt": q["recorded"], "text": text_of[i],
                                 "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{q['question_id']}").hex,
                                 "model_id": model_id, "metadata": {}}) + "\n")
     os.replace(tmp, answers_file)  # a crash never leaves half an answers file

@@ -330,11 +330,13 @@ def test_question_file_answered_in_order_the_same_on_one_and_two_ranks(setup, to
                   str(root / "two.jsonl"), "--model_id", "two"], nproc=2, script="sample_llava.py")
     one = [json.loads(line) for line in (root / "run" / "answers" / "questions.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (root / "two.jsonl").read_text().splitlines()]
-    for answers, model_id in ((one, "run"), (two, "two")):
+    for answers, model_id, image_mark in ((one, "run", ""), (two, "two", "<image>\n")):
         assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
         assert all(list(a) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"] for a in answers)
         assert all(a["model_id"] == model_id and a["metadata"] == {} and len(a["answer_id"]) == 32 for a in answers)
-        assert [a["prompt"] for a in answers] == [
-            q["text"] + "\nAnswer with the option's letter from the given choices directly." for q in questions]
+        # as LLaVA records them: model_vqa_loader the text, model_vqa_science "<image>\n" + text for an image
+        assert [a["prompt"] for a in answers] == [(image_mark if "image" in q else "") + q["text"] +
+                                                  "\nAnswer with the option's letter from the given choices directly."
+                                                  for q in questions]
     assert [a["text"] for a in one] == [a["text"] for a in two]
     assert len({a["text"] for a in one}) > 2  # answers depend on the question and image
