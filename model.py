@@ -742,12 +742,13 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
 
-def load_llama_state_dict(llm: Llama, state_dict):
-    """Hugging Face Llama weights ("model.layers.0.self_attn.q_proj.weight", ...) -> `llm`, strictly."""
+def load_llama_state_dict(llm: Llama, state_dict, assign=False):
+    """Hugging Face Llama weights ("model.layers.0.self_attn.q_proj.weight", ...) -> `llm`, strictly.
+    assign=True makes the given tensors the parameters (for a model built on the meta device)."""
     state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if "rotary_emb" not in k}
     if llm.cfg.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    result = llm.load_state_dict(state_dict, strict=False)
+    result = llm.load_state_dict(state_dict, strict=False, assign=assign)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
 

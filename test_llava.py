@@ -5,8 +5,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -213,7 +215,7 @@ def setup(tmp_path_factory, tokenizer_file):
     cfg = make_config("tiny", compress=4)
     torch.manual_seed(0)
     torch.save({"model": CLIP(cfg).state_dict(), "model_config": cfg.__dict__}, root / "clip.pt")
-    save_llama(Llama(LLAMA_CONFIGS["tiny"]), tokenizer_file, str(root / "llm"))
+    save_llama(Llama(replace(LLAMA_CONFIGS["tiny"], vocab_size=120)), tokenizer_file, str(root / "llm"))  # the tokenizer's size
     rng = random.Random(0)
     os.makedirs(root / "images")
     entries = []
@@ -242,13 +244,27 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
-def test_both_stages_two_ranks_compress_4_then_sample(setup):
+# the 2-rank runs compare DDP with FSDP; --grad_accum 2 at batch 2 on one side, batch 4 on the other
+STEPS = ["--max_steps", "3", "--lr_stage2", "1e-3"]
+LORA = ["--lora_r", "4", "--lora_dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_lora_run(setup):
+    """Both stages under DDP with LoRA and gradient checkpointing, accumulating 2 micro-batches of 2."""
     out = setup / "run"
-    result = run(common_args(setup, out) + ["--max_steps", "3", "--lora_r", "4", "--grad_checkpointing"], nproc=2)
+    result = run(common_args(setup, out) + STEPS + LORA + ["--grad_checkpointing", "--batch_size", "2", "--grad_accum", "2"],
+                 nproc=2)
+    return out, result
+
+
+def test_both_stages_two_ranks_compress_4_then_sample(setup, ddp_lora_run):
+    out, result = ddp_lora_run
     assert "truncated" in result.stdout  # the 20x repeated question is longer than 100 tokens
     assert "stage 2: " in result.stdout and "3 steps = " in result.stdout.split("stage 2: ")[1].splitlines()[0]
     assert re.search(r"^stage 2 step 3/3 100\.0% \d+ tokens/s 0s left loss ", result.stdout, re.M)
     assert (out / "curves.png").exists()
+    assert "global batch 2 x 2 micro-batches x 2 rank(s) = 8" in result.stdout
     stage1, stage2 = records(out)
     assert (stage1["stage"], stage1["step"], stage2["stage"], stage2["step"]) == (1, 3, 2, 3)
     for r in (stage1, stage2):
@@ -259,7 +275,7 @@ def test_both_stages_two_ranks_compress_4_then_sample(setup):
     saved2 = torch.load(out / "stage2" / "ckpt.pt", weights_only=False)
     assert {k.split(".")[0] for k in saved2["model"]} == {"projector", "llm"}
     assert all("lora_" in k for k in saved2["model"] if k.startswith("llm."))
-    merged, _ = load_llama(str(out / "stage2" / "llm_merged"))  # LoRA folded into a plain Llama directory
+    merged, _ = load_llama(str(out / "stage2" / "llm"))  # LoRA folded into a plain Llama directory
     assert not torch.equal(merged.layers[0].self_attn.q_proj.weight,
                            load_llama(str(setup / "llm"))[0].layers[0].self_attn.q_proj.weight)
 
@@ -267,6 +283,106 @@ def test_both_stages_two_ranks_compress_4_then_sample(setup):
     answer = run(["--out_dir", str(out), "--image", str(image), "--prompt", "What colour is the shape?",
                   "--max_new_tokens", "3"], script="sample_llava.py")
     assert answer.stdout.strip() == answer.stdout.strip().splitlines()[-1]  # one line: the answer
+
+
+def assert_same_weights(a, b, moved_from=None, atol=1e-5):
+    """Two checkpoints' trained weights agree to float tolerance (and moved from the start far more than that)."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+    if moved_from is not None:
+        assert max((a[k] - moved_from[k]).abs().max() for k in a) > 100 * atol
+
+
+def llm_weights(saved):
+    return {k.removeprefix("llm."): v for k, v in saved["model"].items() if k.startswith("llm.")}
+
+
+def assert_transformers_reads(directory, llm):
+    """transformers loads the written directory and gives `llm`'s logits."""
+    ids = torch.randint(0, 120, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(str(directory)).eval()(ids).logits, llm.eval()(ids),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def shard_bytes(stdout, stage):
+    """(full, [held by each rank]) in MiB, from the stage's FSDP line."""
+    line = stdout.partition(f"stage {stage}: ")[2].partition("FSDP: ")[2].splitlines()[0]
+    full = float(line.split(" MiB")[0])
+    return full, [float(part.split(": ")[1].split(" MiB")[0]) for part in line.split("held by rank ")[1].split(", ")]
+
+
+def test_fsdp_lora_equals_ddp_and_writes_the_merged_llm(setup, ddp_lora_run, tmp_path):
+    """Stage 2 from the same stage-1 projector: FSDP at batch 4 == DDP accumulating 2 x 2."""
+    ddp_out, _ = ddp_lora_run
+    shutil.copytree(ddp_out / "stage1", tmp_path / "stage1")
+    result = run(common_args(setup, tmp_path) + STEPS + LORA + ["--stage", "2", "--fsdp", "--grad_checkpointing"], nproc=2)
+    assert "FSDP" in result.stdout and "global batch 4 x 1 micro-batches x 2 rank(s) = 8" in result.stdout
+    ours, ddp = (torch.load(out / "stage2" / "ckpt.pt", weights_only=False) for out in (tmp_path, ddp_out))
+    lora_start = {k: torch.zeros_like(v) for k, v in ours["model"].items() if "lora_B" in k}  # B starts at zero
+    assert_same_weights(ours["model"], ddp["model"])
+    assert_same_weights({k: ours["model"][k] for k in lora_start}, {k: ddp["model"][k] for k in lora_start}, lora_start)
+    # frozen parameters are neither saved nor optimized: only LoRA and the projector have state
+    assert set(ours["optimizer"]["state"]) == set(ours["model"]) and all(
+        "lora_" in k or k.startswith("projector.") for k in ours["model"])
+    # each rank holds half of the sharded parameters (the LLM in fp32, LoRA, the projector)
+    full, held = shard_bytes(result.stdout, 2)
+    assert len(held) == 2 and all(abs(h - full / 2) < 0.02 * full for h in held), (full, held)
+    # the written directory is the base LLM with the trained adapters merged; the base did not move
+    llm, _ = load_llama(str(setup / "llm"))
+    add_lora(llm, 4, 16.0)
+    llm.load_state_dict(llm_weights(ours), strict=False)
+    assert_transformers_reads(tmp_path / "stage2" / "llm", llm)
+
+
+def process_tree(pid):
+    """pid and every process below it (torchrun starts its workers in sessions of their own)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return [pid] + [p for c in children for p in process_tree(c)]
+
+
+def test_fsdp_full_killed_and_resumed_equals_ddp(setup, ddp_lora_run, tmp_path):
+    """Full fine-tune under FSDP with gradient checkpointing and --grad_accum 2 at batch 2: killed
+    once stage 2 has written a checkpoint, then resumed; its stage 1 equals the DDP run's, and its
+    stage 2 equals an uninterrupted DDP run at batch 4 from the same projector."""
+    out = tmp_path / "fsdp"
+    args = common_args(setup, out) + STEPS + ["--fsdp", "--grad_checkpointing", "--batch_size", "2", "--grad_accum", "2",
+                                             "--checkpoint_every", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    process = subprocess.Popen(launcher + [os.path.join(HERE, "train_llava.py")] + args, cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 200
+    while not (out / "stage2" / "ckpt.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in process_tree(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(out / "stage2" / "ckpt.pt", weights_only=False)["step"]
+    assert killed_at < 3
+    resumed = run(args + ["--resume"], nproc=2)
+    assert f"resumed from {out / 'stage2' / 'ckpt.pt'} at step {killed_at}/3" in resumed.stdout
+    shutil.copytree(out / "stage1", tmp_path / "ddp" / "stage1")
+    run(common_args(setup, tmp_path / "ddp") + STEPS + ["--stage", "2", "--batch_size", "4"], nproc=2)
+    fsdp, ddp = (torch.load(tmp_path / name / "stage2" / "ckpt.pt", weights_only=False) for name in ("fsdp", "ddp"))
+    assert fsdp["step"] == 3
+    ddp_lora_out, _ = ddp_lora_run  # stage 1 does not depend on LoRA: the same run under DDP
+    assert_same_weights(torch.load(out / "stage1" / "ckpt.pt", weights_only=False)["model"],
+                        torch.load(ddp_lora_out / "stage1" / "ckpt.pt", weights_only=False)["model"])
+    base, _ = load_llama(str(setup / "llm"))
+    assert_same_weights(fsdp["model"], ddp["model"], {"llm." + k: v for k, v in base.state_dict().items()} |
+                        {k: v for k, v in fsdp["model"].items() if k.startswith("projector.")})
+    for k, state in ddp["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fsdp["optimizer"]["state"][k][name], state[name], atol=1e-6, rtol=1e-4)
+    full, held = shard_bytes(resumed.stdout, 2)
+    assert all(abs(h - full / 2) < 0.02 * full for h in held), (full, held)
+    llm = Llama(base.cfg)
+    llm.load_state_dict(llm_weights(fsdp))
+    assert_transformers_reads(out / "stage2" / "llm", llm)
 
 
 def test_missing_image_is_skipped_and_counted_then_resume(setup):

@@ -166,9 +166,14 @@ class TextTokenizer:
         self.__init__(state["path"], state["bos_token_id"], state["eos_token_id"])
 
 
-def load_llama(path):
+def load_llama(path, dtype=torch.float32):
     """A Hugging Face Llama-family directory (config.json, *.safetensors or pytorch_model*.bin,
-    sharded or not, tokenizer.model or tokenizer.json) -> (Llama, TextTokenizer)."""
+    sharded or not, tokenizer.model or tokenizer.json) -> (Llama, TextTokenizer).
+
+    The weights become the model's parameters as read (the model is built on the meta
+    device, so there is no second, randomly initialised copy), converted tensor by tensor
+    to `dtype`; dtype=None keeps the dtype they are stored in (2 bytes a parameter for
+    fp16/bf16 files)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         die(f"{path} is not a Hugging Face model directory (no config.json)")
     with open(os.path.join(path, "config.json")) as f:
@@ -183,9 +188,12 @@ def load_llama(path):
     state_dict = {}
     for file in files:  # every shard of a sharded checkpoint
         state_dict.update(load_weights_file(os.path.join(path, file)))
-    llm = Llama(cfg)
+    for k in state_dict:  # replaced one at a time: at most one tensor exists twice
+        state_dict[k] = state_dict[k].to(dtype or state_dict[k].dtype)
+    with torch.device("meta"):
+        llm = Llama(cfg)
     try:
-        load_llama_state_dict(llm, state_dict)
+        load_llama_state_dict(llm, state_dict, assign=True)
     except ValueError as e:
         die(f"{path}: weights do not fit its config.json ({e})")
     for name in ("tokenizer.model", "tokenizer.json"):

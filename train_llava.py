@@ -27,15 +27,19 @@ epoch (drawn at the end as out_dir/curves.png by plots.py; log lines show the pe
 of the stage done, tokens/s and the time left), writes out_dir/stage<N>/ckpt.pt
 atomically, and continues from it with --resume.
 """
+import inspect
 import json
 import os
 import random
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -72,7 +76,8 @@ lr_stage2 = 0.0             # 0 = LLaVA-1.5's 2e-5 (2e-4 with LoRA) for a pretra
 lora_r = 0                  # > 0: stage 2 trains LoRA adapters (and the projector) instead of the whole LLM
 lora_alpha = 16.0
 lora_dropout = 0.05
-batch_size = 32             # per rank
+batch_size = 32             # per rank, per micro-batch
+grad_accum = 1              # micro-batches per optimizer step (gradients sync on the last one only); global batch = batch_size x grad_accum x ranks
 max_length = 0              # context in tokens, image tokens included; 0 = the LLM's max_position_embeddings
 warmup_ratio = 0.03
 weight_decay = 0.0
@@ -81,6 +86,8 @@ workers = 1
 seed = 0
 dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
 grad_checkpointing = False
+fsdp = False                # shard the LLM and projector across ranks with FSDP2 (torch >= 2.7) instead of DDP: for LLMs whose full copy per GPU does not fit
+cpu_offload = False         # with --fsdp: sharded parameters, gradients and optimizer states live in host memory
 log_every = 20
 checkpoint_every = 200      # steps
 resume = False
@@ -215,15 +222,75 @@ def write_shapes_conversations(root, size, train_images=6000, val_images=300, se
 # ----------------------------------------------------------------------------- model set-up
 
 def build_model(llm_path, lora):
-    """LLaVA around the frozen image tower (loaded once at set-up) and the LLM at llm_path."""
-    language_model, tok = load_llama(llm_path)
+    """LLaVA around the frozen image tower (loaded once at set-up) and the LLM at llm_path. Under
+    --fsdp the LLM stays in the dtype it is stored in until shard() takes it layer by layer."""
+    language_model, tok = load_llama(llm_path, dtype=None if fsdp else torch.float32)
     if lora:
+        torch.manual_seed(seed)  # the same adapters on every rank, whichever stages ran before in this process
         add_lora(language_model, *lora)
     return LLaVA(visual, language_model, projector, feature_layer), tok
 
 
-def trainable_state(model):
-    return {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}}
+def shard(llava):
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head, projector).
+    The frozen image tower stays out, whole on every rank. Each rank keeps its 1/N of every
+    parameter in fp32 (the optimizer's master weights); a unit's full weights are gathered in
+    --dtype for its forward and backward only, and gradients are reduced in fp32."""
+    policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else getattr(torch, dtype),
+                                                 reduce_dtype=torch.float32),
+                  offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy())
+    llava.visual.to(device)
+    for layer in llava.llm.layers:
+        fully_shard(layer.float(), **policy)  # one layer at a time in fp32: never a whole fp32 copy of the LLM
+    fully_shard(llava.float(), ignored_params=set(llava.visual.parameters()), **policy)
+    return llava
+
+
+def parallel(llava):
+    """The module that training steps call: sharded in place under --fsdp, wrapped in DDP under
+    torchrun, itself in a single process. The trainable parameters are set before this."""
+    if fsdp:
+        return shard(llava)
+    llava.to(device)
+    return DDP(llava, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else llava
+
+
+def shard_bytes(llava):
+    """(bytes of the sharded parameters in full, bytes this rank holds of them): the storage under
+    each rank's local shards, measured, padding included."""
+    sharded = [p for p in llava.parameters() if isinstance(p, DTensor)]
+    storages = {p.to_local().untyped_storage().data_ptr(): p.to_local().untyped_storage().nbytes() for p in sharded}
+    return sum(p.numel() * p.element_size() for p in sharded), sum(storages.values())
+
+
+@contextmanager
+def unsharded(llava):
+    """Under --fsdp, every unit's full weights on every rank while the block runs: generation takes
+    as many forward passes as its answers need, a number that differs between ranks, so the
+    passes cannot each gather the weights collectively. A no-op otherwise."""
+    units = [m for m in llava.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not llava, recurse=False)  # FSDP2's defaults: the root keeps its weights
+
+
+def write_llm_directory(llava, lora, tok, path):
+    """The trained LLM as a Hugging Face directory (LoRA merged), gathered on rank 0 (a collective)."""
+    state = get_model_state_dict(llava, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        with torch.device("meta"):
+            llm = Llama(llava.llm.cfg)
+        if lora:
+            add_lora(llm, *lora)
+        llm.load_state_dict({k.removeprefix("llm."): v for k, v in state.items() if k.startswith("llm.")}, assign=True)
+        save_llama(merge_lora(llm) if lora else llm, tok.path, path)
+        print(f"the LLM{' with LoRA merged' if lora else ''} written to {path}", flush=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -240,17 +307,18 @@ def evaluate(model, tok, entries, folder):
     kinds = sorted({e.get("kind", "all") for e in entries})
     correct, total = {k: 0 for k in kinds}, {k: 0 for k in kinds}
     model.eval()
-    for start in range(0, len(shard), batch_size):
-        batch = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
-        kept = [entries[rank + world * (start + i)] for i, s in enumerate(batch) if s is not None]
-        images, has_image, ids, _, _ = collate(batch)
-        with autocast:
-            answers = model.generate([x.to(device) for x in ids], images.to(device) if images is not None else None,
-                                     has_image, max_new_tokens)
-        for entry, answer in zip(kept, answers):
-            kind = entry.get("kind", "all")
-            total[kind] += 1
-            correct[kind] += tok.decode(answer).strip() == entry["conversations"][1]["value"].strip()
+    with unsharded(model):
+        for start in range(0, len(shard), batch_size):
+            batch = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
+            kept = [entries[rank + world * (start + i)] for i, s in enumerate(batch) if s is not None]
+            images, has_image, ids, _, _ = collate(batch)
+            with autocast:
+                answers = model.generate([x.to(device) for x in ids], images.to(device) if images is not None else None,
+                                         has_image, max_new_tokens)
+            for entry, answer in zip(kept, answers):
+                kind = entry.get("kind", "all")
+                total[kind] += 1
+                correct[kind] += tok.decode(answer).strip() == entry["conversations"][1]["value"].strip()
     sums = all_reduce_sum([correct[k] for k in kinds] + [total[k] for k in kinds], device)
     correct, total = dict(zip(kinds, sums[:len(kinds)])), dict(zip(kinds, sums[len(kinds):]))
     model.train()
@@ -263,52 +331,63 @@ def evaluate(model, tok, entries, folder):
 # ----------------------------------------------------------------------------- one training stage
 
 def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, lora, total_steps=0):
-    """Train the parameters that require grad; returns the last epoch's report (or None if already done)."""
+    """Train the parameters that require grad; returns the last epoch's report (or None if already done).
+
+    `model` is sharded (--fsdp) or wrapped (DDP) here; the optimizer is built after that,
+    over the trainable parameters only. The loss of a step is the mean over every supervised
+    token of its micro-batches on every rank, so --grad_accum 2 at batch b is batch 2b.
+    """
     ckpt_path = os.path.join(stage_dir, "ckpt.pt")
     dataset = Conversations(entries, folder, tok, model.visual.cfg.image_size, language_model=n == 0)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                         num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // grad_accum
     if steps_per_epoch == 0:
-        die(f"stage {n}: {len(entries)} samples are less than one batch ({batch_size} x {world_size} ranks)")
+        die(f"stage {n}: {len(entries)} samples are less than one step ({batch_size} x {grad_accum} micro-batches "
+            f"x {world_size} ranks)")
     total_steps = total_steps or epochs * steps_per_epoch
     if max_steps:
         total_steps = min(total_steps, max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    step_model = parallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the sharded parameters
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda" and not cpu_offload)
+    # checkpoints hold the trainable parts and their optimizer state, gathered whole on rank 0
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     step = 0
     if resume and os.path.exists(ckpt_path):
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if checkpoint["stage"] != n or checkpoint["lora"] != lora or checkpoint["sources"] != sources:
-            die(f"{ckpt_path} was written by another run (stage, LoRA or model paths differ); use another --out_dir")
-        if model.load_state_dict(checkpoint["model"], strict=False).unexpected_keys:  # the trained parts only
-            die(f"{ckpt_path} does not fit this model; use the same --projector/--lora_r or another --out_dir")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
-        if len(checkpoint["rng"]) == world_size:
-            set_rng_state(checkpoint["rng"][rank])
+        step = load_checkpoint(ckpt_path, model, optimizer, n, sources, lora, trainable)
         if master:
             print(f"stage {n}: resumed from {ckpt_path} at step {step}/{total_steps}")
         if step >= total_steps:
             return None
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
     context = max_length or model.llm.cfg.max_position_embeddings
 
     def write_checkpoint():
         states = all_rng_states()
+        weights = get_model_state_dict(model, options=gather)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=gather)
         if master:
-            save_checkpoint({"model": trainable_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                             "stage": n, "lora": lora, "sources": sources, "run_config": config, "rng": states},
-                            ckpt_path)
+            save_checkpoint({"model": weights, "optimizer": optimizer_state, "step": step, "stage": n, "lora": lora,
+                             "sources": sources, "run_config": config, "rng": states}, ckpt_path)
 
     progress = Progress(step, total_steps, steps_per_epoch, "tokens")
     if master:
         os.makedirs(stage_dir, exist_ok=True)
         print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {progress.plan()}, "
-              f"lr {lr:g}, {world_size} rank(s), {device} {dtype}", flush=True)
+              f"lr {lr:g}, global batch {batch_size} x {grad_accum} micro-batches x {world_size} rank(s) = "
+              f"{batch_size * grad_accum * world_size}, {'FSDP' if fsdp else 'DDP' if world_size > 1 else 'single process'}"
+              f"{' + CPU offload' if cpu_offload else ''}, {device} {dtype}", flush=True)
+    if fsdp:
+        full, held = shard_bytes(model)
+        per_rank = [None] * world_size
+        dist.all_gather_object(per_rank, held)
+        if master:
+            print(f"FSDP: {full / 2**20:.2f} MiB of sharded parameters; held by rank " +
+                  ", ".join(f"{r}: {b / 2**20:.2f} MiB" for r, b in enumerate(per_rank)), flush=True)
     report, warned = None, False
     model.train()
     while step < total_steps:
@@ -317,44 +396,61 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
             sampler.set_epoch(epoch)
         loader.generator.manual_seed(seed + epoch)
         sums = dict(loss=0.0, image_tokens=0, samples=0, tokens=0, skipped=0, truncated=0, time=0.0, steps=0)
+        batches = iter(loader)
+        for _ in range(step % steps_per_epoch * grad_accum):  # resuming inside an epoch: the same order, seen batches skipped
+            next(batches)
         t0 = time.perf_counter()
-        for i, (images, has_image, ids, labels, skipped) in enumerate(loader):
-            if i < step % steps_per_epoch:  # resuming inside an epoch: the same order, already seen batches skipped
-                continue
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, max(1, round(warmup_ratio * total_steps)), lr)
-            with autocast:
-                out = ddp_model([x.to(device) for x in ids], [y.to(device) for y in labels],
-                                images.to(device) if images is not None else None, has_image, context)
-                logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
-                targets = out.labels[:, 1:]                                 # B x L-1
-                # mean over supervised tokens; a batch whose answers were all truncated away gives 0, not NaN
-                loss = (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-                        / (targets != IGNORE).sum().clamp(min=1))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss_sum, supervised, tokens = 0.0, 0, 0
+            for micro in range(grad_accum):
+                images, has_image, ids, labels, skipped = next(batches)
+                last = micro == grad_accum - 1
+                if fsdp:
+                    model.set_requires_gradient_sync(last)
+                with step_model.no_sync() if isinstance(step_model, DDP) and not last else nullcontext():
+                    with autocast:
+                        out = step_model([x.to(device) for x in ids], [y.to(device) for y in labels],
+                                         images.to(device) if images is not None else None, has_image, context)
+                        logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
+                        targets = out.labels[:, 1:]                                 # B x L-1
+                        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                               reduction="sum")
+                    scaler.scale(loss).backward()
+                loss_sum += loss.item()
+                supervised += int((targets != IGNORE).sum())
+                if out.truncated and not warned and master:
+                    print(f"warning: {out.truncated} sample(s) longer than the context of {context} tokens were truncated "
+                          "(their labels cut with them); raise --max_length or shorten the data", flush=True)
+                    warned = True
+                sums["image_tokens"] += int(out.image_tokens.sum())
+                sums["samples"] += len(ids)
+                tokens += int(out.lengths.sum())
+                sums["skipped"] += skipped
+                sums["truncated"] += out.truncated
+            # summed losses -> the mean over the step's supervised tokens on all ranks (DDP and FSDP average over
+            # ranks); a step whose answers were all truncated away keeps zero gradients, not NaN
+            all_supervised = all_reduce_sum([supervised], device)[0]
+            scaler.unscale_(optimizer)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(world_size / max(1, all_supervised))
             if grad_clip:
-                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress.advance(int(out.lengths.sum()) * world_size)  # this rank's tokens, times the ranks
+            progress.advance(tokens * world_size)  # this rank's tokens, times the ranks
+            sums["tokens"] += tokens
             t1 = time.perf_counter()
-            if out.truncated and not warned and master:
-                print(f"warning: {out.truncated} sample(s) longer than the context of {context} tokens were truncated "
-                      "(their labels cut with them); raise --max_length or shorten the data", flush=True)
-                warned = True
-            sums["loss"] += loss.item()
-            sums["image_tokens"] += int(out.image_tokens.sum())
-            sums["samples"] += len(ids)
-            sums["tokens"] += int(out.lengths.sum())
-            sums["skipped"] += skipped
-            sums["truncated"] += out.truncated
+            loss = loss_sum / max(1, supervised)  # this rank's mean, for the log
+            sums["loss"] += loss
             sums["time"] += t1 - t0
             sums["steps"] += 1
             if step % log_every == 0 and master:
-                print(f"stage {n} step {step}/{total_steps} {progress.report()} loss {loss.item():.4f} "
+                print(f"stage {n} step {step}/{total_steps} {progress.report()} loss {loss:.4f} "
                       f"lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"image tokens/sample {int(out.image_tokens.sum()) / len(ids):.1f} step {1000 * (t1 - t0):.0f}ms",
                       flush=True)
@@ -379,6 +475,29 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     return report
 
 
+def load_checkpoint(path, model, optimizer, n, sources, lora, trainable):
+    """Rank 0 reads the checkpoint and every rank takes its part (its shard under --fsdp); returns the step."""
+    checkpoint, meta = {"model": {}, "optimizer": {}}, [None]
+    if master:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        problem = (f"{path} was written by another run (stage, LoRA or model paths differ); use another --out_dir"
+                   if (checkpoint["stage"], checkpoint["lora"], checkpoint["sources"]) != (n, lora, sources) else
+                   f"{path} does not fit this model; use the same --projector/--lora_r or another --out_dir"
+                   if sorted(checkpoint["model"]) != sorted(trainable) else None)
+        meta = [(problem, checkpoint["step"], checkpoint["rng"])]
+    if dist.is_initialized():
+        dist.broadcast_object_list(meta)
+    problem, step, rng = meta[0]
+    if problem:
+        die(problem)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    set_model_state_dict(model, checkpoint["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
+    if len(rng) == world_size:
+        set_rng_state(rng[rank])
+    return step
+
+
 def log(record):
     if master:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
@@ -398,6 +517,23 @@ if stage not in ("all", "0", "1", "2"):
 if projector not in ("linear", "mlp2x_gelu"):
     die(f"--projector must be linear or mlp2x_gelu, got {projector!r}")
 lora = [lora_r, lora_alpha, lora_dropout] if lora_r > 0 else None
+if grad_accum < 1:
+    die(f"--grad_accum must be 1 or more, got {grad_accum}")
+if cpu_offload and not fsdp:
+    die("--cpu_offload offloads FSDP's shards; add --fsdp")
+if fsdp:
+    if not dist.is_initialized():
+        die("--fsdp shards the model across ranks; launch with torchrun --nproc_per_node N")
+    if dtype == "float16":
+        die("--fsdp trains in bfloat16 or float32; fp16 loss scaling is not supported with it")
+    try:
+        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
+                                            fully_shard)
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        die(f"--fsdp needs torch 2.7 or newer (FSDP2's fully_shard with ignored_params); this is torch {torch.__version__}")
 lr_stage2 = lr_stage2 or (1e-3 if not llm else 2e-4 if lora else 2e-5)
 
 # the frozen image tower, and the names that follow from the configuration it actually has
@@ -449,15 +585,13 @@ if stage == "0" or (stage == "all" and not llm and not (resume and os.path.exist
     cfg = LLAMA_CONFIGS[llm_model]
     language_model = Llama(cfg)
     tok = TextTokenizer(tok_path, cfg.bos_token_id, cfg.eos_token_id)
-    llava = LLaVA(visual, language_model, projector, feature_layer).to(device)
+    llava = LLaVA(visual, language_model, projector, feature_layer)
     llava.requires_grad_(False)
     llava.llm.requires_grad_(True)
     llava.llm.grad_checkpointing = grad_checkpointing
     train_stage(0, llava, tok, text_entries, folder, 0, lr_stage0, os.path.join(out_dir, "stage0"),
                 {"vision": init_from, "llm": "scratch:" + llm_model}, None, total_steps=steps_stage0)
-    if master:
-        save_llama(llava.llm, tok_path, llm_dir)
-        print(f"stage 0: tiny LLM written to {llm_dir}")
+    write_llm_directory(llava, None, tok, llm_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -467,8 +601,8 @@ sources = {"vision": init_from, "llm": llm_dir}
 stage1_ckpt = os.path.join(out_dir, "stage1", "ckpt.pt")
 if stage in ("all", "1"):
     llava, tok = build_model(llm_dir, None)
-    llava.to(device).requires_grad_(False)
-    llava.projector.requires_grad_(True)  # frozen parts are set before DDP wraps the model
+    llava.requires_grad_(False)
+    llava.projector.requires_grad_(True)  # frozen parts are set before DDP wraps or FSDP shards the model
     train_stage(1, llava, tok, pretrain_entries, folder, epochs_stage1, lr_stage1, os.path.dirname(stage1_ckpt),
                 sources, None)
 
@@ -483,7 +617,7 @@ if stage in ("all", "2"):
         llava.projector.load_state_dict({k.removeprefix("projector."): v for k, v in stage1_weights.items()})
     except RuntimeError:
         die(f"{stage1_ckpt} holds another projector than --projector {projector}; use the one stage 1 was run with")
-    llava.to(device).requires_grad_(False)
+    llava.requires_grad_(False)
     llava.projector.requires_grad_(True)
     if lora:
         for module in llava.llm.modules():
@@ -495,9 +629,8 @@ if stage in ("all", "2"):
     llava.llm.grad_checkpointing = grad_checkpointing
     train_stage(2, llava, tok, instruct_entries, folder, epochs_stage2, lr_stage2, os.path.join(out_dir, "stage2"),
                 sources, lora)
-    if lora and master:  # the adapters folded into the weights: a plain Llama directory to share or to train on
-        save_llama(merge_lora(llava.llm), tok.path, os.path.join(out_dir, "stage2", "llm_merged"))
-        print(f"LoRA merged into {os.path.join(out_dir, 'stage2', 'llm_merged')}")
+    # a plain Llama directory to share, evaluate elsewhere or train on (LoRA folded into the weights)
+    write_llm_directory(llava, lora, tok, os.path.join(out_dir, "stage2", "llm"))
 
 if master and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
     plot_curves([out_dir], os.path.join(out_dir, "curves.png"))
