@@ -314,11 +314,12 @@ def shard_bytes(stdout, stage):
 
 
 def test_fsdp_lora_equals_ddp_and_writes_the_merged_llm(setup, ddp_lora_run, tmp_path):
-    """Stage 2 from the same stage-1 projector: FSDP at batch 4 == DDP accumulating 2 x 2."""
+    """Stage 2 from the same stage-1 projector: FSDP (with CPU offload) at batch 4 == DDP accumulating 2 x 2."""
     ddp_out, _ = ddp_lora_run
     shutil.copytree(ddp_out / "stage1", tmp_path / "stage1")
-    result = run(common_args(setup, tmp_path) + STEPS + LORA + ["--stage", "2", "--fsdp", "--grad_checkpointing"], nproc=2)
-    assert "FSDP" in result.stdout and "global batch 4 x 1 micro-batches x 2 rank(s) = 8" in result.stdout
+    result = run(common_args(setup, tmp_path) + STEPS + LORA + ["--stage", "2", "--fsdp", "--cpu_offload",
+                                                                 "--grad_checkpointing"], nproc=2)
+    assert "FSDP + CPU offload" in result.stdout and "global batch 4 x 1 micro-batches x 2 rank(s) = 8" in result.stdout
     ours, ddp = (torch.load(out / "stage2" / "ckpt.pt", weights_only=False) for out in (tmp_path, ddp_out))
     lora_start = {k: torch.zeros_like(v) for k, v in ours["model"].items() if "lora_B" in k}  # B starts at zero
     assert_same_weights(ours["model"], ddp["model"])
