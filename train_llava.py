@@ -3,15 +3,21 @@
     python train_clip.py --compress 4 && python train_llava.py --compress 4   # built-in data, CPU, minutes
     python sample_llava.py --out_dir out/llava_c4 --image img.jpg --prompt "What colour is the shape?"
     torchrun --nproc_per_node=8 train_llava.py --stage 1 --init_from out/clip_ViT-B-16_c4/ckpt.pt \\
-        --llm vicuna-7b-v1.5/ --pretrain_data blip_laion_cc_sbu_558k.json --image_folder LLaVA-Pretrain/images
+        --llm vicuna-7b-v1.5/ --pretrain_data blip_laion_cc_sbu_558k.json --image_folder LLaVA-Pretrain/images \\
+        --fsdp --grad_checkpointing
     torchrun --nproc_per_node=8 train_llava.py --stage 2 --init_from ... --llm vicuna-7b-v1.5/ \\
-        --instruct_data llava_v1_5_mix665k.json --image_folder playground/data [--lora_r 128 --lora_alpha 256]
+        --instruct_data llava_v1_5_mix665k.json --image_folder playground/data --batch_size 16 \\
+        --fsdp --grad_checkpointing [--lora_r 128 --lora_alpha 256]
 
 Stage 1 trains only the projector on image-caption pairs (tower and LLM frozen, lr 1e-3);
 stage 2 trains the projector and the LLM (lr 2e-5), or LoRA adapters on the LLM with
 --lora_r, on conversations. The image tower is always frozen and runs under no_grad. Each
 `<image>` placeholder becomes that image's valid DRIP tokens only, so at --compress 4 the
 LLM reads about a quarter of the image tokens of the plain tower.
+
+Under torchrun the model is replicated with DDP, or with --fsdp sharded with FSDP2 (one
+unit per decoder layer plus the root; the frozen tower stays whole on every rank), which
+a 7B LLM needs on 80 GB cards. --grad_accum N accumulates N micro-batches per step.
 
 Data is LLaVA's JSON: [{"id", "image", "conversations": [{"from": "human", "value":
 "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}], image paths relative to
