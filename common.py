@@ -1,10 +1,12 @@
 """Process, flags and checkpoints, shared by every script: command-line overrides of the
-defaults block, DDP set-up, autocast, the LR schedule, peak memory, progress and time left
-for log lines, atomic checkpoints and weight files, RNG states.
+defaults block (and --help), option checks that stop with one line, DDP set-up, autocast,
+the LR schedule, top-1/top-5 accuracy, peak memory, progress and time left for log lines,
+atomic checkpoints, resuming, weight files and image towers, RNG states.
 
-Images and the built-in data live in data.py; tokenizers, the conversation template and
-Hugging Face LLM folders in text.py.
+Images, shard decoding and the built-in data live in data.py; tokenizers, the conversation
+template and Hugging Face LLM folders in text.py.
 """
+import argparse
 import ast
 import difflib
 import math
@@ -14,6 +16,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -111,6 +114,49 @@ def _convert(key, value, default):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the tools that take lists (flops.py, visualize.py): --help shows every default,
+    no abbreviated flags, and a bad flag stops with one line, as parse_overrides does."""
+
+    def __init__(self, description):
+        super().__init__(description=description, allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message):
+        die(f"{message} (--help lists the options)")
+
+
+def check_options(config, positive=(), non_negative=(), fractions=(), choices=None):
+    """Refuse an out-of-range option with one line, before any work: `positive` names must be > 0,
+    `non_negative` ones >= 0, `fractions` in [0, 1); `choices` maps a name to its allowed values."""
+    for key in positive:
+        if not config[key] > 0:
+            die(f"--{key} must be > 0, got {config[key]}")
+    for key in non_negative:
+        if not config[key] >= 0:
+            die(f"--{key} must be >= 0, got {config[key]}")
+    for key in fractions:
+        if not 0 <= config[key] < 1:
+            die(f"--{key} must be in [0, 1), got {config[key]}")
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            die(f"--{key} must be one of {', '.join(map(str, allowed))}, got {config[key]!r}")
+
+
+def check_writable(path, flag):
+    """Refuse a folder that cannot be created or written, without creating anything."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        die(f"{flag} {path}: cannot write under {parent}" + ("" if os.path.isdir(parent) else " (a file)"))
+
+
+def check_file(path, flag, what="file"):
+    if path and not os.path.isfile(path):
+        die(f"{flag}: no {what} at {path}")
+
+
 # -----------------------------------------------------------------------------
 # Distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
@@ -146,6 +192,27 @@ def all_reduce_sum(values, device):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+@torch.no_grad()
+def classification_accuracy(batches, classify, device, autocast):
+    """Top-1/top-5 accuracy (%) and mean boundary rate over (images, labels) batches, summed over
+    ranks (each rank passes its own share). classify(images) -> (B x C logits, VisionOutput)."""
+    top1 = top5 = count = rate = 0
+    for images, labels, *_ in batches:
+        images, labels = images.to(device), labels.to(device)
+        with autocast:
+            logits, vision = classify(images)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices           # B x 5
+        top1 += (top[:, 0] == labels).sum().item()
+        top5 += (top == labels[:, None]).any(1).sum().item()
+        count += len(labels)
+        rate += vision.boundary_rate.item() * len(labels)
+    top1, top5, count, rate = all_reduce_sum([top1, top5, count, rate], device)
+    if count == 0:
+        die("the evaluation data held no readable image")
+    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "eval_boundary_rate": rate / count,
+            "eval_images": int(count)}
 
 
 def cosine_lr(step, total_steps, warmup_steps, lr):
@@ -215,8 +282,9 @@ def load_clip_checkpoint(path, checkpoint=None):
     if checkpoint is None:
         if not os.path.isfile(path):
             die(f"no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     try:
+        if checkpoint is None:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model = CLIP(CLIPConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except Exception as e:
@@ -260,6 +328,31 @@ def load_weights_file(path):
     if not isinstance(weights, dict):
         die(f"{path} holds a {type(weights).__name__}, not a state dict or checkpoint")
     return weights
+
+
+def read_resume_checkpoint(path, model_config, flags):
+    """The checkpoint at path for --resume; stops if there is none or it holds another model
+    configuration (naming the fields that differ and the flags that set them)."""
+    if not os.path.isfile(path):
+        die(f"--resume: no checkpoint at {path}; run without --resume first, or give its --out_dir")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    saved = CLIPConfig(**checkpoint["model_config"])
+    if saved != model_config:
+        diff = ", ".join(f"{k}={v} (now {getattr(model_config, k)})" for k, v in asdict(saved).items()
+                         if getattr(model_config, k) != v)
+        die(f"{path} is a checkpoint of another configuration: {diff}; use the same {flags} or another --out_dir")
+    return checkpoint
+
+
+def restore_checkpoint(checkpoint, model, optimizer):
+    """Model, optimizer and this rank's RNG state (when the world size is the same) from a
+    checkpoint; returns its step."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(checkpoint["rng"]) == world_size:
+        set_rng_state(checkpoint["rng"][rank])
+    return checkpoint["step"]
 
 
 def save_checkpoint(checkpoint, path):

@@ -1,6 +1,7 @@
-"""Images and data: CLIP preprocessing, robust image loading, and the built-in shapes
-dataset (webdataset shards for training, an ImageFolder for evaluation) that every
-script's defaults run on, generated here with no download.
+"""Images and data: CLIP preprocessing, robust image loading, ImageFolders, webdataset
+shard decoding (bad samples skipped and counted), and the built-in shapes dataset
+(webdataset shards for training, an ImageFolder for evaluation) that every script's
+defaults run on, generated here with no download.
 """
 import io
 import json
@@ -11,9 +12,12 @@ import shutil
 import tarfile
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import torchvision.transforms as T
+import webdataset as wds
 from PIL import Image, ImageDraw, ImageOps
+from torchvision.datasets import ImageFolder
 
 from common import die
 
@@ -34,6 +38,66 @@ def load_image(file):
     """Any mode (RGBA, greyscale, palette) and EXIF orientation -> upright RGB."""
     with Image.open(file) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def image_folder(path, transform, flag):
+    """An ImageFolder (one sub-folder of images per class), or one line saying what is wrong with it."""
+    if not os.path.isdir(path):
+        die(f"{flag} {path} is not a folder; give an ImageFolder (one sub-folder of images per class)")
+    try:
+        return ImageFolder(path, transform=transform, loader=load_image)
+    except (FileNotFoundError, OSError) as e:
+        die(f"{flag} {path} is not an ImageFolder ({e})")
+
+
+# -----------------------------------------------------------------------------
+# Webdataset shards: key.jpg (or .jpeg/.png/.webp) with key.txt (caption) and/or key.cls (label)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(pattern, flag):
+    """'dir/{00000..00099}.tar' -> the shard list; refuses a pattern with a missing or empty local shard."""
+    try:
+        urls = wds.shardlists.expand_urls(pattern)
+    except ValueError as e:
+        die(f"{flag} {pattern}: {e}")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u) or os.path.getsize(u) == 0]
+    if not urls or missing:
+        die(f"{flag}: shard missing or empty: {missing[0] if missing else pattern}")
+    return urls
+
+
+def decode_batches(samples, batch_size, transform, target, num_classes=0, keep_last=False):
+    """Raw webdataset samples -> (images B x 3 x H x W, targets, skipped) batches.
+
+    target "txt": targets is the list of captions; "cls": a LongTensor of labels. A sample
+    without a readable image, or whose target is missing, not text, not an integer or not
+    below num_classes (when given), is skipped and counted in the next batch's `skipped`:
+    one bad sample neither stops a run nor goes unnoticed, and images and targets never
+    go out of step.
+    """
+    images, targets, skipped = [], [], 0
+    for sample in samples:
+        try:
+            data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+            value = sample[target].decode("utf-8")
+            if target == "cls":
+                value = int(value)
+                if value < 0 or (num_classes and value >= num_classes):
+                    raise ValueError(f"label {value} out of range")
+            image = transform(load_image(io.BytesIO(data)))
+        except Exception:  # StopIteration, KeyError, UnicodeDecodeError, ValueError, PIL's errors
+            skipped += 1
+            continue
+        images.append(image)
+        targets.append(value)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(targets) if target == "cls" else targets, skipped
+            images, targets, skipped = [], [], 0
+    if keep_last and images:
+        yield torch.stack(images), torch.tensor(targets) if target == "cls" else targets, skipped
 
 
 # -----------------------------------------------------------------------------

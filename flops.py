@@ -4,7 +4,7 @@ and with --bench the measured training-step time and memory, per compression.
     python flops.py --model ViT-B-32 --compress 1 2 4 10
     python flops.py --model ViT-B-16 --compress 1 4 --bench --batch_size 256 --device cuda
     python flops.py --model tiny --compress 1 4 --bench --batch_size 128          # CPU
-    python flops.py --ckpt out/clip_tiny_c4/ckpt.pt --images data/shapes/val/red_star
+    python flops.py --ckpt out/clip_tiny_c4/ckpt.pt --images data/shapes/val/red_cross
     python flops.py --model ViT-L-14-336 --compress 1 2 4 10 --llm_model vicuna-7b   # + LLaVA's LLM side
 
 fvcore counts one multiply-add as one flop, as DynamicViT, ToMe and timm tables do. It
@@ -20,12 +20,12 @@ segment tokens of --feature_layer, CLS dropped), the tower up to that layer, the
 projector, and the LLM prefill over those image tokens plus --prompt_tokens text tokens
 (all analytic; the LLM and projector formulas are checked against fvcore in the tests).
 """
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import replace
@@ -33,10 +33,13 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 
-from common import load_clip_checkpoint
+with warnings.catch_warnings():  # fvcore applies torch.jit.script at import, which torch deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+from common import ArgumentParser, die, load_clip_checkpoint
 from data import image_transform, load_image
 from model import (CLIP, LLAMA_CONFIGS, CLIPConfig, LlamaConfig, even_boundaries, image_tower_macs, llama_config_from_hf,
                    make_config)
@@ -112,14 +115,16 @@ def flops_rows(model_name, compresses, pre_layers, skipped):
     return rows
 
 
+def image_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
+
+
 def checkpoint_row(ckpt, image_dir, max_images, skipped):
     """fvcore count with the checkpoint's own (eval-rule) boundaries, averaged over real images."""
     clip, checkpoint = load_clip_checkpoint(ckpt)
     cfg = clip.cfg
     transform = image_transform(cfg.image_size)
-    files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))[:max_images]
-    if not files:
-        sys.exit(f"error: no .jpg/.jpeg/.png/.webp images in {image_dir}")
+    files = image_files(image_dir)[:max_images]
     macs, rates = [], []
     for name in files:
         image = transform(load_image(os.path.join(image_dir, name)))[None]
@@ -305,7 +310,7 @@ def bench_rows(args, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10])
     parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
@@ -329,15 +334,36 @@ def main():
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first: on GPU each new padded length "
                         "builds a cuDNN attention plan once, which a long run pays only at its start")
     args = parser.parse_args()
-    if any(c < 1 for c in args.compress):
-        parser.error("--compress values must be >= 1 (1 = plain ViT)")
+    # every flag checked before any work
+    if any(not c >= 1 for c in args.compress):
+        die("--compress values must be >= 1 (1 = plain ViT)")
+    for flag, value, least in (("--pre_layers", args.pre_layers, 0), ("--max_images", args.max_images, 1),
+                               ("--prompt_tokens", args.prompt_tokens, 0), ("--batch_size", args.batch_size, 1),
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            die(f"{flag} must be >= {least}, got {value}")
     if bool(args.ckpt) != bool(args.images):
-        parser.error("--ckpt and --images go together")
+        die("--ckpt and --images go together")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        die(f"--ckpt: no checkpoint at {args.ckpt}")
+    if args.images and not os.path.isdir(args.images):
+        die(f"--images {args.images} is not a folder")
+    if args.images and not image_files(args.images):
+        die(f"no .jpg/.jpeg/.png/.webp images in {args.images}")
     try:
-        make_config(args.model)
+        for c in args.compress:
+            cfg = make_config(args.model, compress=c, **({"pre_layers": args.pre_layers} if args.pre_layers else {}))
         llm = llm_config(args.llm_model, args.llm) if args.llm_model or args.llm else None
     except ValueError as e:
-        parser.error(str(e))
+        die(str(e))
+    if not -cfg.layers <= args.feature_layer < cfg.layers:
+        die(f"--feature_layer must index one of the tower's {cfg.layers} blocks, got {args.feature_layer}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        die(f"--device {args.device} is not a device; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but no GPU is visible")
 
     skipped = Counter()
     result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped)}
@@ -347,7 +373,7 @@ def main():
         result["llava"] = llava_rows(args.model, args.compress, args.pre_layers, llm, args.llm or args.llm_model,
                                      args.prompt_tokens, args.projector, args.feature_layer)
     if args.bench:
-        result["bench"] = bench_rows(args, torch.device(args.device))
+        result["bench"] = bench_rows(args, device)
     result["fvcore_skipped_ops"] = dict(skipped)
 
     if args.json:

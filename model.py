@@ -484,6 +484,19 @@ class CLIP(nn.Module):
         text_features = F.normalize(self.encode_text(text), dim=-1)
         return image_features, text_features, self.logit_scale.exp(), vision
 
+    def param_groups(self, weight_decay):
+        """AdamW parameter groups: see decay_groups."""
+        return decay_groups(self.parameters(), weight_decay)
+
+
+def decay_groups(parameters, weight_decay):
+    """AdamW parameter groups in the spirit of nanoGPT's configure_optimizers: weight decay on
+    matrices (linear, attention and embedding weights, projections), none on vectors and
+    scalars (biases, norms, the logit scale); frozen parameters left out."""
+    parameters = [p for p in parameters if p.requires_grad]
+    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+
 
 
 def load_clip_weights(model: CLIP, state_dict):
@@ -839,6 +852,10 @@ class LLaVA(nn.Module):
         super().train(mode)
         self.visual.eval()
         return self
+
+    def param_groups(self, weight_decay):
+        """AdamW parameter groups of the trainable parts: see decay_groups."""
+        return decay_groups(self.parameters(), weight_decay)
 
     def image_tokens(self, images):
         """B x 3 x H x W -> B tensors S_b x hidden: each image's valid tokens, projected. The tower is frozen."""

@@ -32,7 +32,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from common import Progress, autocast_context, die, load_image_tower, parse_overrides, setup_distributed
+from common import Progress, autocast_context, check_writable, die, load_image_tower, parse_overrides, setup_distributed
 from data import image_transform, load_image
 from model import LLaVA, add_lora
 from text import load_llama, tokenize_conversation
@@ -114,6 +114,8 @@ if batch_size < 1:
     die(f"--batch_size must be at least 1, got {batch_size}")
 if image and not os.path.isfile(image):
     die(f"no image at {image}")
+if answers_file:
+    check_writable(os.path.dirname(answers_file) or ".", "--answers_file")
 questions = read_questions(question_file) if question_file else []
 missing = [q["image"] for q in questions if q["image"] and not os.path.isfile(os.path.join(image_folder, q["image"]))]
 if missing:  # checked on every rank before any work: all stop together, nothing half-written

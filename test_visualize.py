@@ -33,7 +33,7 @@ def test_renders_png_of_expected_size(checkpoint, tmp_path):
     image, _ = make_shape_image(random.Random(0), 3, size=100)
     image = image.convert("RGBA").rotate(90, expand=True)  # any size and mode
     image.save(tmp_path / "shape.png")
-    result = visualize(str(tmp_path / "shape.png"), "--ckpt", checkpoint, "--ckpt", checkpoint, "--out", str(tmp_path / "out"))
+    result = visualize(str(tmp_path / "shape.png"), "--ckpt", checkpoint, "--ckpt", checkpoint, "--out_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out" / "shape_drip.png"
     grid = 48 // 8
@@ -53,7 +53,7 @@ def test_unreadable_file_is_reported_and_others_render(checkpoint, tmp_path):
 def test_stats_and_object_ratio(checkpoint, tmp_path):
     for i in range(4):
         make_shape_image(random.Random(i), i, size=48)[0].save(tmp_path / f"{i}.jpg")
-    result = visualize("--stats", str(tmp_path), "--object_ratio", "20", "--ckpt", checkpoint, "--out", str(tmp_path))
+    result = visualize("--stats", str(tmp_path), "--object_ratio", "20", "--ckpt", checkpoint, "--out_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     stats_text, ratio_text = result.stdout.split("}\n{")
     stats, ratio = json.loads(stats_text + "}"), json.loads("{" + ratio_text)

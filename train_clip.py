@@ -16,7 +16,6 @@ out_dir/metrics.jsonl, drawn at the end as out_dir/curves.png (plots.py); every 
 shows the percentage done, images/s and the time left. out_dir/ckpt.pt is written
 atomically every checkpoint_every steps and at the end; --resume continues from it.
 """
-import io
 import json
 import math
 import os
@@ -32,14 +31,14 @@ import torch.nn.functional as F
 import webdataset as wds
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.datasets import ImageFolder
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
-                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
-from data import builtin_shapes, image_transform, load_image
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
+                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides,
+                    peak_memory_gb, read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
                   zero_shot_templates)
-from model import CLIP, CLIPConfig, image_tower_macs, load_clip_weights, make_config
+from model import CLIP, CONFIGS, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 from plots import plot_curves
 
 # -----------------------------------------------------------------------------
@@ -84,30 +83,12 @@ SHAPES_TEMPLATES = ["a {}.", "a photo of a {}.", "an image showing one {}.", "a 
 
 # ----------------------------------------------------------------------------- data
 
-def decode_batches(samples, batch_size, tok, transform):
-    """Raw webdataset samples -> (images, tokens, skipped) batches; skipped counts the samples that
-    could not be decoded (a corrupt image must not stop a run, nor go unnoticed)."""
-    images, texts, skipped = [], [], 0
-    for sample in samples:
-        try:
-            data = next(sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in sample)
-            image, text = transform(load_image(io.BytesIO(data))), sample["txt"].decode("utf-8")
-        except Exception:
-            skipped += 1
-            continue
-        images.append(image)
-        texts.append(text)
-        if len(images) == batch_size:
-            yield torch.stack(images), tokenize(tok, texts), skipped
-            images, texts, skipped = [], [], 0
-
-
 def same_seed_on_every_rank():
     return 0
 
 
-def train_loader(urls, tok, image_size, steps, stream_seed):
-    """Exactly `steps` batches on every rank, however the shards are sized.
+def train_loader(urls, image_size, steps, stream_seed):
+    """Exactly `steps` (images, captions, skipped) batches on every rank, however the shards are sized.
 
     Shards are drawn with replacement (resampled) from one stream that every rank
     seeds alike; split_by_node and split_by_worker then hand each rank and worker its
@@ -122,19 +103,10 @@ def train_loader(urls, tok, image_size, steps, stream_seed):
         wds.shuffle(1000, seed=stream_seed + int(os.environ.get("RANK", 0))),
         # real data gets open_clip's mild random crop; the shapes are already random in size and place,
         # and a crop's aspect change would turn circles into ellipses
-        partial(decode_batches, batch_size=batch_size, tok=tok,
+        partial(decode_batches, batch_size=batch_size, target="txt",
                 transform=image_transform(image_size, augment=bool(train_data))),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers).with_epoch(steps)
-
-
-def expand_shards(pattern):
-    urls = wds.shardlists.expand_urls(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.isfile(u) or os.path.getsize(u) == 0]
-    if not urls or missing:
-        die(f"training shards missing or empty: {missing[0] if missing else pattern}; check --train_data")
-    return urls
 
 
 # ----------------------------------------------------------------------------- zero-shot evaluation
@@ -147,22 +119,16 @@ def zero_shot(model, tok, dataset, names, prompts, device, autocast):
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers)
     with autocast:
-        classifier = zero_shot_classifier(model, tok, names, prompts, device)
-    top1 = top5 = count = boundaries = 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast:
-            vision = model.encode_image(images)
-        logits = F.normalize(vision.embedding.float(), dim=-1) @ classifier.t()  # B x C
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (top[:, 0] == labels).sum().item()
-        top5 += (top == labels[:, None]).any(1).sum().item()
-        count += len(labels)
-        boundaries += vision.boundary_rate.item() * len(labels)
-    top1, top5, count, boundaries = all_reduce_sum([top1, top5, count, boundaries], device)
+        classifier = zero_shot_classifier(model, tok, names, prompts, device)             # C x E
+
+    def classify(images):
+        vision = model.encode_image(images)
+        return F.normalize(vision.embedding.float(), dim=-1) @ classifier.t(), vision    # B x C
+
+    result = classification_accuracy(loader, classify, device, autocast)
     model.train()
-    return {"zero_shot_top1": 100 * top1 / count, "zero_shot_top5": 100 * top5 / count,
-            "eval_boundary_rate": boundaries / count, "eval_images": int(count)}
+    return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"],
+            "eval_boundary_rate": result["eval_boundary_rate"], "eval_images": result["eval_images"]}
 
 
 # ----------------------------------------------------------------------------- loss
@@ -183,60 +149,58 @@ def contrastive_loss(image_features, text_features, logit_scale):
 
 # ----------------------------------------------------------------------------- set-up
 
-if compress < 1:
-    die(f"--compress must be >= 1 (1 = plain ViT), got {compress}")
+# every option checked before anything is written or built
+check_options(config, positive=["epochs", "batch_size", "lr", "eps", "log_every", "checkpoint_every"],
+              non_negative=["pre_layers", "train_num_samples", "warmup_steps", "weight_decay", "boundary_loss_weight",
+                            "grad_clip", "workers", "seed", "max_steps"],
+              fractions=["beta1", "beta2"], choices={"model": list(CONFIGS)})
+overrides = {"compress": compress, "quick_gelu": quick_gelu} | ({"pre_layers": pre_layers} if pre_layers else {})
+try:
+    model_config = make_config(model, **overrides)
+except ValueError as e:
+    die(f"{e}; check --compress/--pre_layers")
+out_dir = out_dir or f"out/clip_{model}_c{model_config.compress:g}"
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+check_writable(out_dir, "--out_dir")
+if eval_only and not init_from and not resume:
+    die("--eval_only evaluates --init_from weights (or out_dir's checkpoint with --resume); give one")
+if train_data and not eval_only:
+    if train_num_samples <= 0:
+        die("--train_num_samples is required with --train_data (samples per epoch)")
+    if not val_data:
+        die("--val_data DIR is required with --train_data for zero-shot evaluation (e.g. ImageNet's val/)")
+    urls = expand_shards(train_data, "--train_data")
+use_builtin = not (train_data and not eval_only) and not (eval_only and val_data)
+if use_builtin:
+    check_writable(data_dir, "--data_dir")
+check_file(classnames, "--classnames", "class name file")
+check_file(tokenizer, "--tokenizer", "tokenizer file")
+if templates not in ("", "80", "7"):
+    zero_shot_templates(templates)
+# starting weights, read once: a train_clip.py checkpoint also brings its tokenizer (and, to evaluate, its config)
+init_weights = load_weights_file(init_from) if init_from and not resume else None
+if eval_only and init_weights is not None and "model_config" in init_weights:
+    model_config = CLIPConfig(**init_weights["model_config"])
 rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)
 dtype, autocast = autocast_context(device, dtype)
-out_dir = out_dir or f"out/clip_{model}_c{compress:g}"
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers") if resume else None
+val_transform = image_transform(model_config.image_size, augment=False)
+val_set = image_folder(val_data, val_transform, "--val_data") if val_data else None
 
-overrides = {"compress": compress, "quick_gelu": quick_gelu} | ({"pre_layers": pre_layers} if pre_layers else {})
-try:
-    model_config = make_config(model, **overrides)
-except ValueError as e:
-    die(str(e))
-
-# starting weights, read once: a train_clip.py checkpoint also brings its tokenizer (and, to evaluate, its config)
-init_weights = load_weights_file(init_from) if init_from and not resume else None
-if eval_only and init_weights is not None and "model_config" in init_weights:
-    model_config = CLIPConfig(**init_weights["model_config"])
-if eval_only and init_weights is None and not resume:
-    die("--eval_only evaluates --init_from weights (or out_dir's checkpoint with --resume); give one")
-
-checkpoint = None
-if resume:
-    if not os.path.exists(ckpt_path):
-        die(f"--resume: no checkpoint at {ckpt_path}; run without --resume first or give --out_dir")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if CLIPConfig(**checkpoint["model_config"]) != model_config:
-        saved = CLIPConfig(**checkpoint["model_config"])
-        diff = ", ".join(f"{k}={v} (now {getattr(model_config, k)})" for k, v in asdict(saved).items()
-                         if getattr(model_config, k) != v)
-        die(f"{ckpt_path} is a checkpoint of another configuration: {diff}; use the same --model/--compress or another --out_dir")
-
-if train_data and not eval_only:
-    urls = expand_shards(train_data)
-    if train_num_samples <= 0:
-        die("--train_num_samples is required with --train_data (samples per epoch)")
-    if not val_data:
-        die("--val_data DIR is required with --train_data for zero-shot evaluation (e.g. ImageNet's val/)")
-elif not (eval_only and val_data):
+if use_builtin:
     urls, shapes_val, shapes_classnames, shapes_samples = builtin_shapes(data_dir, model_config.image_size)
     train_num_samples = train_num_samples or shapes_samples
-    if not val_data:
+    if val_set is None:
         val_data, classnames = shapes_val, classnames or shapes_classnames
         templates = templates or "shapes"
-
-if not os.path.isdir(val_data):
-    die(f"--val_data {val_data} is not a folder; give an ImageFolder such as ImageNet's val/")
-val_set = ImageFolder(val_data, transform=image_transform(model_config.image_size, augment=False), loader=load_image)
+        val_set = image_folder(val_data, val_transform, "--val_data")
 if not classnames and len(val_set.classes) != 1000:
     die(f"--classnames FILE is required: {val_data} has {len(val_set.classes)} class folders, not ImageNet's 1000")
 names_source = classnames or f"CLIP's ImageNet class names ({os.path.relpath(IMAGENET_CLASSNAMES)})"
-names = read_lines(classnames or IMAGENET_CLASSNAMES) if os.path.isfile(classnames or IMAGENET_CLASSNAMES) else []
+names = read_lines(classnames or IMAGENET_CLASSNAMES)
 if len(names) != len(val_set.classes):
     die(f"--classnames {classnames} has {len(names)} names but {val_data} has {len(val_set.classes)} class folders")
 templates = templates or "80"
@@ -292,21 +256,15 @@ if eval_only:
     if dist.is_initialized():
         dist.destroy_process_group()
     raise SystemExit(0)
-decay = [p for p in raw_model.parameters() if p.ndim >= 2]
-no_decay = [p for p in raw_model.parameters() if p.ndim < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=lr, betas=(beta1, beta2), eps=eps, fused=device.type == "cuda")
+optimizer = torch.optim.AdamW(raw_model.param_groups(weight_decay), lr=lr, betas=(beta1, beta2), eps=eps,
+                              fused=device.type == "cuda")
 steps_per_epoch = train_num_samples // (batch_size * world_size)
 if steps_per_epoch == 0:
     die(f"--train_num_samples {train_num_samples} is less than one batch ({batch_size} x {world_size} ranks)")
 total_steps = epochs * steps_per_epoch
 step = 0
 if checkpoint is not None:
-    raw_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    step = checkpoint["step"]
-    if len(checkpoint["rng"]) == world_size:
-        set_rng_state(checkpoint["rng"][rank])
+    step = restore_checkpoint(checkpoint, raw_model, optimizer)
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else raw_model
@@ -343,12 +301,12 @@ while step < total_steps and (not max_steps or step < max_steps):
     epoch = step // steps_per_epoch
     steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
     # a fresh data stream for each (epoch, start step): a resumed run draws the rest of its epoch
-    loader = train_loader(urls, tok, model_config.image_size, steps_left, seed * 1_000_003 + epoch * 10_007 + step)
+    loader = train_loader(urls, model_config.image_size, steps_left, seed * 1_000_003 + epoch * 10_007 + step)
     sums = dict(contrastive=0.0, boundary=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
     t_data = time.perf_counter()
-    for images, text, skipped in loader:
+    for images, captions, skipped in loader:
         t_start = time.perf_counter()
-        images, text = images.to(device, non_blocking=True), text.to(device, non_blocking=True)
+        images, text = images.to(device, non_blocking=True), tokenize(tok, captions).to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
         with autocast:

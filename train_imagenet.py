@@ -1,24 +1,27 @@
 """Image classification with a DRIP (or plain) ViT: from scratch, linear probe, or fine-tuning.
 
-    python train_imagenet.py                                            # built-in shapes, from scratch
-    python train_imagenet.py --init out/clip_tiny_c1/ckpt.pt --freeze   # linear probe of a CLIP image tower
-    python train_imagenet.py --init out/clip_tiny_c4/ckpt.pt --lr_find  # learning-rate range test
-    torchrun --nproc_per_node=8 train_imagenet.py --data_dir imagenet --init clip.pt --model ViT-B-16 --batch_size 256
+    python train_imagenet.py                                                 # built-in shapes, from scratch
+    python train_imagenet.py --init_from out/clip_tiny_c1/ckpt.pt --freeze   # linear probe of a CLIP image tower
+    python train_imagenet.py --init_from out/clip_tiny_c4/ckpt.pt --lr_find  # learning-rate range test
+    torchrun --nproc_per_node=8 train_imagenet.py --train_data imagenet/train --val_data imagenet/val \\
+        --init_from clip.pt --model ViT-B-16 --batch_size 256
 
---data_dir holds train/ and val/ in ImageFolder layout (ImageNet's); --train_data and
---val_data take webdataset shards with .cls labels instead. Without either, the
-built-in shapes data (36 colour x shape classes: training shards with .cls labels and a
-held-out ImageFolder) is used. --init loads the image tower of a train_clip.py
-checkpoint or of open_clip weights; --freeze trains only the linear head (the boundary
-predictor stays frozen too), otherwise the backbone trains at lr * backbone_lr_scale.
-Options are the defaults below, overridden as --key=value or --key value.
+--train_data and --val_data are ImageFolders (ImageNet's train/ and val/ layout) or
+webdataset shards with .cls labels. Without them, the built-in shapes data (36 colour x
+shape classes: training shards with .cls labels and a held-out ImageFolder) is written
+to --data_dir and used. --init_from loads the image tower of a train_clip.py checkpoint
+(which brings its own configuration) or of open_clip weights; --freeze trains only the
+linear head (the boundary predictor stays frozen too), otherwise the backbone trains at
+lr * backbone_lr_scale. A shard sample whose image or label cannot be read is skipped
+and counted (skipped_samples). Options are the defaults below, overridden as
+--key=value or --key value.
 """
-import io
 import json
 import os
 import random
 import time
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,26 +34,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_weights_file,
-                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
-from data import CLIP_MEAN, CLIP_STD, builtin_shapes, image_transform, load_image
-from model import CLIP, CLIPConfig, load_clip_weights, make_config
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_writable,
+                    classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides, peak_memory_gb,
+                    read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
+from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
 
 # -----------------------------------------------------------------------------
 # defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
-model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; a train_clip.py checkpoint given to --init sets it
-compress = 1.0
-data_dir = ""               # folder with train/ and val/ (ImageFolder); empty = built-in shapes
-train_data = ""             # or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'
-val_data = ""               # ... and validation shards
-train_num_samples = 0       # samples per epoch, with --train_data
-num_classes = 0             # with --train_data
-shapes_dir = "data"         # where the built-in data lives (shared with train_clip.py)
-init = ""                   # train_clip.py checkpoint or open_clip weights for the image tower
+model = ""                  # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; empty = the --init_from checkpoint's, else tiny
+compress = 0.0              # DRIP compression; 0 = the --init_from checkpoint's, else 1 (plain ViT)
+train_data = ""             # ImageFolder (e.g. imagenet/train) or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'; empty = built-in shapes
+val_data = ""               # ImageFolder or shards, for evaluation; required with --train_data
+train_num_samples = 0       # samples per epoch, with training shards
+num_classes = 0             # with training shards
+data_dir = "data"           # where the built-in data is written (shared with train_clip.py)
+init_from = ""              # train_clip.py checkpoint or open_clip weights for the image tower
 freeze = False              # linear probe: train only the head
 backbone_lr_scale = 0.1     # fine-tuning: backbone lr = lr * backbone_lr_scale
-out_dir = "out/imagenet"
+out_dir = ""                # empty = out/imagenet_<model>_c<compress>, of the configuration actually used
 epochs = 3
 batch_size = 128            # per rank
 lr = 1e-3
@@ -85,27 +88,15 @@ class Classifier(nn.Module):
         vision = self.visual(images)
         return self.head(vision.embedding), vision
 
+    def param_groups(self, weight_decay, backbone_lr_scale):
+        """AdamW groups (decay on matrices only), each with the scale of the lr it trains at."""
+        return ([g | {"lr_scale": 1.0} for g in decay_groups(self.head.parameters(), weight_decay)]
+                + [g | {"lr_scale": backbone_lr_scale} for g in decay_groups(self.visual.parameters(), weight_decay)])
+
 
 def train_transform(image_size):
     return T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
-
-def shard_batches(samples, transform, keep_last=False):
-    """Raw webdataset samples -> (images, labels) batches, skipping samples that cannot be decoded."""
-    images, labels = [], []
-    for sample in samples:
-        try:
-            data = next(sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in sample)
-            images.append(transform(load_image(io.BytesIO(data))))
-            labels.append(int(sample["cls"]))
-        except Exception:
-            continue
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-    if keep_last and images:
-        yield torch.stack(images), torch.tensor(labels)
 
 
 def same_seed_on_every_rank():
@@ -113,14 +104,14 @@ def same_seed_on_every_rank():
 
 
 def make_train_batches(source, image_size, steps, epoch):
-    """Exactly `steps` training batches on this rank for `epoch`."""
+    """Exactly `steps` (images, labels, skipped) training batches on this rank for `epoch`."""
     if isinstance(source, ImageFolder):
         sampler = DistributedSampler(source, seed=seed, drop_last=True) if dist.is_initialized() else None
         if sampler:
             sampler.set_epoch(epoch)
         loader = DataLoader(source, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
                             num_workers=workers, generator=torch.Generator().manual_seed(seed + epoch))
-        return (batch for i, batch in zip(range(steps), loader))
+        return ((images, labels, 0) for _, (images, labels) in zip(range(steps), loader))
     # shards: one resampled stream, split over ranks and workers, cut at the same step everywhere
     pipeline = wds.DataPipeline(
         wds.ResampledShards(source, seed=seed + epoch, worker_seed=same_seed_on_every_rank, deterministic=True),
@@ -128,7 +119,8 @@ def make_train_batches(source, image_size, steps, epoch):
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(1000, seed=seed + epoch + int(os.environ.get("RANK", 0))),
         # the built-in shapes are random in size and place already; a random crop would cut the object out
-        lambda samples: shard_batches(samples, train_transform(image_size) if train_data else image_transform(image_size)))
+        partial(decode_batches, batch_size=batch_size, target="cls", num_classes=num_classes,
+                transform=train_transform(image_size) if train_data else image_transform(image_size)))
     return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers).with_epoch(steps))
 
 
@@ -143,107 +135,103 @@ def evaluate(classifier, dataset, device, autocast):
     else:
         loader = wds.DataPipeline(wds.SimpleShardList(dataset), wds.split_by_node,
                                   wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                                  lambda s: shard_batches(s, image_transform(classifier.visual.cfg.image_size), keep_last=True))
-    top1 = top5 = count = rate = 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast:
-            logits, vision = classifier(images)
-        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (top[:, 0] == labels).sum().item()
-        top5 += (top == labels[:, None]).any(1).sum().item()
-        count += len(labels)
-        rate += vision.boundary_rate.item() * len(labels)
-    top1, top5, count, rate = all_reduce_sum([top1, top5, count, rate], device)
+                                  partial(decode_batches, batch_size=batch_size, target="cls", num_classes=num_classes,
+                                          transform=image_transform(classifier.visual.cfg.image_size), keep_last=True))
+    result = classification_accuracy(loader, classifier, device, autocast)
     classifier.train()
     if freeze:
         classifier.visual.eval()
-    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "eval_boundary_rate": rate / count,
-            "eval_images": int(count)}
+    return result
 
 
 # ----------------------------------------------------------------------------- set-up
 
-if compress < 1:
-    die(f"--compress must be >= 1 (1 = plain ViT), got {compress}")
+# every option checked before anything is written or built
+check_options(config, positive=["epochs", "batch_size", "lr", "backbone_lr_scale", "log_every", "checkpoint_every",
+                                "lr_find_steps"],
+              non_negative=["compress", "train_num_samples", "num_classes", "warmup_steps", "weight_decay", "mixup",
+                            "boundary_loss_weight", "workers", "seed", "max_steps"],
+              fractions=["label_smoothing"], choices={"model": [""] + list(CONFIGS)})
+if bool(train_data) != bool(val_data):
+    die("--train_data and --val_data go together (ImageFolders or shards with .cls labels)")
+if not train_data and os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
+    die(f"--data_dir is where the built-in data is written; for the ImageFolders in {data_dir} give "
+        f"--train_data {os.path.join(data_dir, 'train')} --val_data {os.path.join(data_dir, 'val')}")
+train_shards = expand_shards(train_data, "--train_data") if train_data and not os.path.isdir(train_data) else None
+val_shards = expand_shards(val_data, "--val_data") if val_data and not os.path.isdir(val_data) else None
+if train_shards and (train_num_samples <= 0 or num_classes <= 0):
+    die("training shards need --train_num_samples (per epoch) and --num_classes")
+if not train_data:
+    check_writable(data_dir, "--data_dir")
+
+# the model configuration: a train_clip.py checkpoint brings its own, which --model/--compress must not contradict
+weights = load_weights_file(init_from) if init_from else None
+if weights is not None and "model_config" in weights:
+    model_config = CLIPConfig(**weights["model_config"])
+    saved_model = weights.get("run_config", {}).get("model", model)
+    if compress and compress != model_config.compress:
+        die(f"--compress {compress:g} contradicts {init_from}, a compress-{model_config.compress:g} tower; "
+            "drop --compress or give another --init_from")
+    if model and model != saved_model:
+        die(f"--model {model} contradicts {init_from}, a {saved_model} tower; drop --model or give another --init_from")
+    model = saved_model
+else:
+    model = model or "tiny"
+    try:
+        model_config = make_config(model, compress=compress or 1.0)
+    except ValueError as e:
+        die(f"{e}; check --compress")
+config |= {"model": model, "compress": model_config.compress}
+out_dir = config["out_dir"] = out_dir or f"out/imagenet_{model}_c{model_config.compress:g}"
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+check_writable(out_dir, "--out_dir")
+checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress") if resume else None
+
 rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed + rank)  # also draws the mixup weights, so --seed reproduces a mixup run
 dtype, autocast = autocast_context(device, dtype)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-# the model configuration: from a train_clip.py checkpoint, else from --model/--compress
-weights = load_weights_file(init) if init else None
-try:
-    model_config = (CLIPConfig(**weights["model_config"]) if weights is not None and "model_config" in weights
-                    else make_config(model, compress=compress))
-except ValueError as e:
-    die(str(e))
-
+size = model_config.image_size
 if train_data:
-    train_source, val_set = wds.shardlists.expand_urls(train_data), wds.shardlists.expand_urls(val_data)
-    missing = [u for u in train_source + val_set if "://" not in u and not os.path.isfile(u)]
-    if not val_data or missing:
-        die(f"shards missing: {missing[0] if missing else '--val_data'}; --train_data needs --val_data shards too")
-    if train_num_samples <= 0 or num_classes <= 0:
-        die("--train_data needs --train_num_samples (per epoch) and --num_classes")
-    train_samples = train_num_samples
-elif data_dir:
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data_dir, split)):
-            die(f"{data_dir} has no {split}/ folder; --data_dir needs train/ and val/ in ImageFolder layout")
-    train_source = ImageFolder(os.path.join(data_dir, "train"), transform=train_transform(model_config.image_size),
-                               loader=load_image)
-    val_set = ImageFolder(os.path.join(data_dir, "val"), transform=image_transform(model_config.image_size),
-                          loader=load_image)
-    if train_source.classes != val_set.classes:
-        die(f"train/ and val/ of {data_dir} hold different class folders")
-    train_samples = len(train_source)
+    train_source = train_shards or image_folder(train_data, train_transform(size), "--train_data")
+    val_set = val_shards or image_folder(val_data, image_transform(size), "--val_data")
+    if not train_shards:
+        if not val_shards and train_source.classes != val_set.classes:
+            die("--train_data and --val_data hold different class folders")
+        num_classes = len(train_source.classes)
+    train_samples = train_num_samples if train_shards else len(train_source)
 else:
-    train_source, val_dir, _, train_samples = builtin_shapes(shapes_dir, model_config.image_size)
-    val_set = ImageFolder(val_dir, transform=image_transform(model_config.image_size), loader=load_image)
-num_classes = num_classes if train_data else len(val_set.classes)
+    train_source, val_dir, _, train_samples = builtin_shapes(data_dir, size)
+    val_set = image_folder(val_dir, image_transform(size), "--val_data")
+    num_classes = len(val_set.classes)
+if checkpoint is not None and checkpoint["num_classes"] != num_classes:
+    die(f"{ckpt_path} was trained on {checkpoint['num_classes']} classes, this data has {num_classes}")
 
 clip = CLIP(model_config)
 if weights is not None:
     try:
         missing, unexpected = load_clip_weights(clip, weights)
     except ValueError as e:
-        die(f"--init {init}: {e}; choose the matching --model")
+        die(f"--init_from {init_from}: {e}; choose the matching --model")
     missing = [k for k in missing if k.startswith("visual.")]
     if master:
-        print(f"image tower from {init}; missing (start fresh): {', '.join(missing) or 'none'}")
+        print(f"image tower from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}")
 classifier = Classifier(clip.visual, num_classes).to(device)
-del clip
+del clip, weights
 if freeze:  # before DDP wraps the model, so DDP never waits for a gradient that cannot come
     classifier.visual.requires_grad_(False)
     classifier.visual.eval()
-head_params = list(classifier.head.parameters())
-backbone_params = [p for p in classifier.visual.parameters() if p.requires_grad]
-groups = [{"params": [p for p in head_params if p.ndim >= 2], "weight_decay": weight_decay, "scale": 1.0},
-          {"params": [p for p in head_params if p.ndim < 2], "weight_decay": 0.0, "scale": 1.0},
-          {"params": [p for p in backbone_params if p.ndim >= 2], "weight_decay": weight_decay, "scale": backbone_lr_scale},
-          {"params": [p for p in backbone_params if p.ndim < 2], "weight_decay": 0.0, "scale": backbone_lr_scale}]
-optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=device.type == "cuda")
+optimizer = torch.optim.AdamW([g for g in classifier.param_groups(weight_decay, backbone_lr_scale) if g["params"]],
+                              lr=lr, fused=device.type == "cuda")
 steps_per_epoch = train_samples // (batch_size * world_size)
 if steps_per_epoch == 0:
     die(f"{train_samples} training images are less than one batch ({batch_size} x {world_size} ranks)")
 total_steps = epochs * steps_per_epoch
 step = 0
-if resume:
-    if not os.path.exists(ckpt_path):
-        die(f"--resume: no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if CLIPConfig(**checkpoint["model_config"]) != model_config:
-        die(f"{ckpt_path} is a checkpoint of another model configuration; use the same --init/--model/--compress")
-    if checkpoint["num_classes"] != num_classes:
-        die(f"{ckpt_path} was trained on {checkpoint['num_classes']} classes, this data has {num_classes}")
-    classifier.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    step = checkpoint["step"]
-    if len(checkpoint["rng"]) == world_size:
-        set_rng_state(checkpoint["rng"][rank])
+if checkpoint is not None:
+    step = restore_checkpoint(checkpoint, classifier, optimizer)
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
 model_ddp = DDP(classifier, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else classifier
@@ -252,9 +240,9 @@ model_ddp = DDP(classifier, device_ids=[device.index] if device.type == "cuda" e
 def train_step(images, labels, step_lr):
     """One optimizer step; returns the loss, the classification part and the VisionOutput."""
     for group in optimizer.param_groups:
-        group["lr"] = step_lr * group["scale"]
+        group["lr"] = step_lr * group["lr_scale"]
     images, labels = images.to(device), labels.to(device)
-    mix = np.random.beta(mixup, mixup) if mixup > 0 else 1.0
+    mix = torch.distributions.Beta(mixup, mixup).sample().item() if mixup > 0 else 1.0
     order = torch.randperm(len(images), device=device)
     with autocast:
         logits, vision = model_ddp(mix * images + (1 - mix) * images[order] if mixup > 0 else images)
@@ -283,7 +271,7 @@ if master:
 
 if lr_find:
     lrs, losses, smoothed, best = [], [], 0.0, float("inf")
-    for i, (images, labels) in enumerate(make_train_batches(train_source, model_config.image_size, lr_find_steps, 0)):
+    for i, (images, labels, _) in enumerate(make_train_batches(train_source, model_config.image_size, lr_find_steps, 0)):
         step_lr = 1e-7 * (10 / 1e-7) ** (i / max(1, lr_find_steps - 1))  # 1e-7 -> 10, exponentially
         loss = all_reduce_sum([train_step(images, labels, step_lr)[0].item()], device)[0] / world_size
         smoothed = 0.98 * smoothed + 0.02 * loss
@@ -296,7 +284,7 @@ if lr_find:
     suggestion = lrs[int(np.argmin(slopes[: int(np.argmin(losses)) + 1]))]  # steepest descent before the minimum
     if master:
         plot_lr_find(lrs, losses, suggestion, os.path.join(out_dir, "lr_find.png"),
-                     title=f"LR range test: {init or 'random init'}, {'linear probe' if freeze else 'full training'}")
+                     title=f"LR range test: {init_from or 'random init'}, {'linear probe' if freeze else 'full training'}")
         print(f"suggested lr {suggestion:.2e} (steepest descent of the smoothed loss); plot: {out_dir}/lr_find.png")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -308,17 +296,19 @@ progress = Progress(step, min(total_steps, max_steps or total_steps), steps_per_
 if master:
     print(f"{model_config.image_size}px compress {model_config.compress:g}, {num_classes} classes, "
           f"{'linear probe' if freeze else 'full training'}, {world_size} rank(s), {progress.plan()}", flush=True)
-summary = {}
+summary, skipped_total = {}, 0
 while step < total_steps and (not max_steps or step < max_steps):
     epoch = step // steps_per_epoch
     steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
     sums = dict(task=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
     t_data = time.perf_counter()
-    for images, labels in make_train_batches(train_source, model_config.image_size, steps_left, epoch * 10_007 + step):
+    for images, labels, skipped in make_train_batches(train_source, model_config.image_size, steps_left,
+                                                      epoch * 10_007 + step):
         t_start = time.perf_counter()
         loss, task, vision = train_step(images, labels, cosine_lr(step, total_steps, warmup_steps, lr))
         step += 1
         progress.advance(len(images) * world_size)
+        skipped_total += skipped
         t_end = time.perf_counter()
         sums["steps"] += 1
         sums["data_time"] += t_start - t_data
@@ -333,12 +323,12 @@ while step < total_steps and (not max_steps or step < max_steps):
             write_checkpoint()
         t_data = time.perf_counter()
     n = max(1, sums["steps"])
-    parts = all_reduce_sum([float(sums["task"]), float(sums["rate"])], device)
+    parts = all_reduce_sum([float(sums["task"]), float(sums["rate"]), skipped_total], device)
     summary = {"epoch": step / steps_per_epoch, "step": step, **evaluate(classifier, val_set, device, autocast),
                "train_loss": parts[0] / (n * world_size), "train_boundary_rate": parts[1] / (n * world_size),
                "target_rate": 1 / model_config.compress, "step_time_s": sums["step_time"] / n,
                "data_time_s": sums["data_time"] / n, "images_per_s": batch_size * world_size * n / sums["step_time"],
-               "peak_memory_gb": peak_memory_gb(device)}
+               "peak_memory_gb": peak_memory_gb(device), "skipped_samples": int(parts[2])}
     if master:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:

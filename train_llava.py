@@ -49,11 +49,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, cosine_lr, die, load_image_tower,
-                    parse_overrides, peak_memory_gb, save_checkpoint, set_rng_state, setup_distributed)
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
+                    check_writable, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb, save_checkpoint,
+                    set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
-from model import IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
+from model import CONFIGS, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
 from plots import plot_curves
 
 # -----------------------------------------------------------------------------
@@ -346,9 +347,20 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     ckpt_path = os.path.join(stage_dir, "ckpt.pt")
     dataset = Conversations(entries, folder, tok, model.visual.cfg.image_size, language_model=n == 0)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-    steps_per_epoch = len(loader) // grad_accum
+    micro_batches = (len(sampler) if sampler is not None else len(dataset)) // batch_size
+    steps_per_epoch = micro_batches // grad_accum
+
+    def epoch_loader(epoch, skip):
+        """This rank's micro-batches of `epoch` in its shuffled order, those of the first `skip` steps left
+        out: a run resumed inside an epoch starts at its next step without reading what it trained on."""
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        else:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(skip * grad_accum, steps_per_epoch * grad_accum)]
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+
     if steps_per_epoch == 0:
         die(f"stage {n}: {len(entries)} samples are less than one step ({batch_size} x {grad_accum} micro-batches "
             f"x {world_size} ranks)")
@@ -358,7 +370,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     step_model = parallel(model)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the sharded parameters
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+    optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda" and not cpu_offload)
     # checkpoints hold the trainable parts and their optimizer state, gathered whole on rank 0
     gather = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -398,13 +410,8 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     model.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader.generator.manual_seed(seed + epoch)
         sums = dict(loss=0.0, image_tokens=0, samples=0, tokens=0, skipped=0, truncated=0, time=0.0, steps=0)
-        batches = iter(loader)
-        for _ in range(step % steps_per_epoch * grad_accum):  # resuming inside an epoch: the same order, seen batches skipped
-            next(batches)
+        batches = iter(epoch_loader(epoch, step % steps_per_epoch))
         t0 = time.perf_counter()
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             for group in optimizer.param_groups:
@@ -513,18 +520,34 @@ def log(record):
 
 # ----------------------------------------------------------------------------- set-up
 
+# every option checked before anything is written or built
+check_options(config, positive=["steps_stage0", "lr_stage0", "epochs_stage1", "lr_stage1", "epochs_stage2", "lora_alpha",
+                                "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_new_tokens"],
+              non_negative=["compress", "lr_stage2", "lora_r", "max_length", "weight_decay", "grad_clip", "workers", "seed",
+                            "max_steps", "eval_samples"],
+              fractions=["lora_dropout", "warmup_ratio"],
+              choices={"stage": ["all", "0", "1", "2"], "projector": ["mlp2x_gelu", "linear"], "model": list(CONFIGS),
+                       "llm_model": list(LLAMA_CONFIGS)})
+if 0 < compress < 1:
+    die(f"--compress must be 0 (the tower's) or >= 1, got {compress}")
+if llm and not os.path.isfile(os.path.join(llm, "config.json")):
+    die(f"--llm {llm} is not a Hugging Face model directory (no config.json)")
+if llm and stage == "0":
+    die("--stage 0 trains a tiny LLM from scratch; with --llm there is nothing to do")
+for flag, path in (("--pretrain_data", pretrain_data), ("--instruct_data", instruct_data), ("--eval_data", eval_data)):
+    check_file(path, flag, "LLaVA JSON")
+if any([pretrain_data, instruct_data, eval_data]) and not image_folder:
+    die("--image_folder is required with --pretrain_data/--instruct_data/--eval_data")
+if image_folder and not os.path.isdir(image_folder):
+    die(f"--image_folder {image_folder} is not a folder")
+if not (pretrain_data and instruct_data and eval_data):
+    check_writable(data_dir, "--data_dir")
 rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed)  # the same initial weights on every rank
 dtype, autocast = autocast_context(device, dtype, ("bfloat16", "float16", "float32"))
-if stage not in ("all", "0", "1", "2"):
-    die(f"--stage must be all, 0, 1 or 2, got {stage!r}")
-if projector not in ("linear", "mlp2x_gelu"):
-    die(f"--projector must be linear or mlp2x_gelu, got {projector!r}")
 lora = [lora_r, lora_alpha, lora_dropout] if lora_r > 0 else None
-if grad_accum < 1:
-    die(f"--grad_accum must be 1 or more, got {grad_accum}")
 if cpu_offload and not fsdp:
     die("--cpu_offload offloads FSDP's shards; add --fsdp")
 if fsdp:
@@ -551,9 +574,11 @@ if compress and compress != tower_config.compress:
     die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
 config["compress"] = compress = tower_config.compress
 out_dir = config["out_dir"] = out_dir or f"out/llava_c{compress:g}"
+check_writable(out_dir, "--out_dir")
+if not -tower_config.layers <= feature_layer < tower_config.layers:
+    die(f"--feature_layer must index one of the tower's {tower_config.layers} blocks (-{tower_config.layers} to "
+        f"{tower_config.layers - 1}), got {feature_layer}")
 
-if any([pretrain_data, instruct_data, eval_data]) and not image_folder:
-    die("--image_folder is required with --pretrain_data/--instruct_data/--eval_data")
 builtin = os.path.join(data_dir, "shapes_llava")
 if not (pretrain_data and instruct_data and eval_data):
     visual_size = tower_config.image_size
@@ -572,6 +597,8 @@ eval_entries = read_conversations(eval_data or os.path.join(builtin, "val.json")
 # read and checked up front: a bad entry stops the run before any training
 pretrain_entries = read_conversations(pretrain_data) if stage in ("all", "0", "1") else []
 instruct_entries = read_conversations(instruct_data) if stage in ("all", "0", "2") else []
+if stage == "2" and not os.path.exists(os.path.join(out_dir, "stage1", "ckpt.pt")):
+    die(f"stage 2 starts from the projector of stage 1, and {out_dir}/stage1/ckpt.pt does not exist; run --stage 1 first")
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
@@ -579,8 +606,6 @@ if master:
 
 llm_dir = llm or os.path.join(out_dir, "llm")
 if stage == "0" or (stage == "all" and not llm and not (resume and os.path.exists(os.path.join(llm_dir, "config.json")))):
-    if llm:
-        die("--stage 0 trains a tiny LLM from scratch; with --llm there is nothing to do")
     text_entries = pretrain_entries + instruct_entries
     tok_path = os.path.join(out_dir, "tokenizer.model")
     if master:
@@ -615,8 +640,6 @@ if stage in ("all", "1"):
 # ----------------------------------------------------------------------------- stage 2: projector + LLM (or LoRA)
 
 if stage in ("all", "2"):
-    if not os.path.exists(stage1_ckpt):
-        die(f"stage 2 starts from the projector of stage 1, and {stage1_ckpt} does not exist; run --stage 1 first")
     llava, tok = build_model(llm_dir, lora)
     stage1_weights = torch.load(stage1_ckpt, map_location="cpu", weights_only=False)["model"]
     try:

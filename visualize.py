@@ -6,12 +6,11 @@
     python visualize.py --stats data/shapes/val                # segments-per-image histogram and mean rate
     python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
 
-PNGs go next to each image (name_drip.png) or into --out DIR; the --stats histogram
-(segments_histogram.png, plots.py) into the checkpoint's run folder or --out DIR. Images
+PNGs go next to each image (name_drip.png) or into --out_dir DIR; the --stats histogram
+(segments_histogram.png, plots.py) into the checkpoint's run folder or --out_dir DIR. Images
 are preprocessed as in training (EXIF orientation, RGB, resize + centre crop). An
 unreadable image is reported and skipped; the others still render.
 """
-import argparse
 import colorsys
 import glob
 import json
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from common import die, load_clip_checkpoint
+from common import ArgumentParser, check_writable, die, load_clip_checkpoint
 from data import CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from plots import plot_segment_histogram
 
@@ -31,9 +30,14 @@ CELL = 48  # pixels per patch in the drawing
 
 
 def newest_drip_checkpoint(root="out"):
-    """The most recently written train_clip.py checkpoint with compress > 1."""
+    """The most recently written train_clip.py checkpoint with compress > 1 (memory-mapped: only
+    its config is read, not its weights; train_imagenet.py and train_llava.py checkpoints are passed over)."""
     for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=os.path.getmtime, reverse=True):
-        if torch.load(path, map_location="cpu", weights_only=False)["model_config"]["compress"] > 1:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # a checkpoint of an older torch format or a stray file: not ours to draw
+            continue
+        if "tokenizer" in checkpoint and checkpoint.get("model_config", {}).get("compress", 1) > 1:
             return path
     die(f"no DRIP checkpoint under {root}/: train one with `python train_clip.py --compress 4`, or pass --ckpt PATH")
 
@@ -174,35 +178,44 @@ def object_ratio(model, images, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(__doc__.split("\n")[0])
     parser.add_argument("images", nargs="*")
     parser.add_argument("--ckpt", action="append", help="train_clip.py checkpoint; repeat for side-by-side panels")
-    parser.add_argument("--out", help="folder for the PNGs (default: next to each image)")
+    parser.add_argument("--out_dir", help="folder for the PNGs (default: next to each image)")
     parser.add_argument("--sample", action="store_true", help="Gumbel samples instead of the deterministic eval rule")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--stats", metavar="DIR", help="histogram of segments per image over a folder")
     parser.add_argument("--object_ratio", type=int, metavar="N", help="boundary/object ratio on N generated shapes")
     args = parser.parse_args()
+    if args.object_ratio is not None and args.object_ratio < 1:
+        die(f"--object_ratio must be >= 1 (images), got {args.object_ratio}")
     if not (args.images or args.stats or args.object_ratio):
-        parser.error("give images, --stats DIR or --object_ratio N")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        die("give images, --stats DIR or --object_ratio N")
+    if args.stats and not os.path.isdir(args.stats):
+        die(f"--stats {args.stats} is not a folder")
+    for path in args.ckpt or []:
+        if not os.path.isfile(path):
+            die(f"--ckpt: no checkpoint at {path}")
+    if args.out_dir:
+        check_writable(args.out_dir, "--out_dir")
     paths = args.ckpt or [newest_drip_checkpoint()]
     models = [load_clip_checkpoint(path) for path in paths]
     for model, checkpoint in models:
         if model.visual.boundary_predictor is None:
             die("that checkpoint is a plain ViT (compress 1): it has no boundaries to draw; "
                 "train one with `python train_clip.py --compress 4`")
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
     failed = 0
     for path in args.images:
         try:
-            print(render_file(path, models, args.out, args.sample, args.seed))
+            print(render_file(path, models, args.out_dir, args.sample, args.seed))
         except (OSError, UnidentifiedImageError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             failed += 1
     if args.stats:
         run_dir = os.path.dirname(os.path.abspath(paths[0]))
-        print(json.dumps(stats(args.stats, *models[0], args.out or run_dir), indent=2))
+        print(json.dumps(stats(args.stats, *models[0], args.out_dir or run_dir), indent=2))
     if args.object_ratio:
         print(json.dumps(object_ratio(models[0][0], args.object_ratio), indent=2))
     sys.exit(1 if failed else 0)
