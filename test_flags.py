@@ -130,7 +130,8 @@ BAD_VALUES = [
     ("train_imagenet.py", ["--dtype", "float16"], "--dtype must be auto or one of"),
     ("train_imagenet.py", ["--log_every", "0"], "--log_every must be > 0"),
     ("train_imagenet.py", ["--checkpoint_every", "0"], "--checkpoint_every must be > 0"),
-    ("train_imagenet.py", ["--resume"], "--resume: no checkpoint"),
+    ("train_imagenet.py", ["--resume"], "--resume: no checkpoint at out/imagenet_tiny_c1/ckpt.pt"),
+    ("train_imagenet.py", C4 + ["--resume"], "--resume: no checkpoint at out/imagenet_tiny_c4/ckpt.pt"),
     ("train_imagenet.py", ["--max_steps", "-1"], "--max_steps must be >= 0"),
     ("train_imagenet.py", ["--lr_find_steps", "0"], "--lr_find_steps must be > 0"),
     # train_llava.py, every option
@@ -157,7 +158,8 @@ BAD_VALUES = [
     ("train_llava.py", LLAVA_DATA[:-1] + [f"{F}/notes.txt"], "--image_folder"),
     ("train_llava.py", ["--data_dir", f"{F}/notes.txt/data"], "--data_dir"),
     ("train_llava.py", C4 + ["--out_dir", f"{F}/notes.txt/out"], "--out_dir"),
-    ("train_llava.py", C4 + LLAVA_DATA + ["--stage", "2"], "run --stage 1 first"),
+    # the output folder is named from the tower's compression (4), not from --compress's default
+    ("train_llava.py", C4 + LLAVA_DATA + ["--stage", "2"], "out/llava_c4/stage1/ckpt.pt does not exist; run --stage 1 first"),
     ("train_llava.py", ["--steps_stage0", "0"], "--steps_stage0 must be > 0"),
     ("train_llava.py", ["--lr_stage0", "0"], "--lr_stage0 must be > 0"),
     ("train_llava.py", ["--epochs_stage1", "0"], "--epochs_stage1 must be > 0"),
@@ -345,20 +347,22 @@ def run_cases(cases_path, results_path, runs):
     import traceback
     import warnings
 
-    import torch
-    import torchvision  # noqa: F401  (imported once here, not in every case)
-    import webdataset  # noqa: F401
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import fvcore.nn  # noqa: F401
+    import ast
 
-    import common, data, model, text  # noqa: F401, E401
+    import torch
+    with warnings.catch_warnings():  # every script's imports, once here rather than in every case
+        warnings.simplefilter("ignore", FutureWarning)
+        for script in SCRIPTS:
+            tree = ast.parse(open(os.path.join(HERE, script)).read())
+            imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+            exec(compile(ast.Module(body=imports, type_ignores=[]), script, "exec"), {})
     torch.set_num_threads(1)
     results = []
     for i, case in enumerate(json.load(open(cases_path))):
         cwd = os.path.join(runs, str(i))
         os.makedirs(cwd)
         out, err = os.path.join(runs, f"{i}.out"), os.path.join(runs, f"{i}.err")
+        start = time.time()
         pid = os.fork()
         if pid == 0:  # the child: run the script as `python script args` would, from an empty folder
             code = 1
@@ -391,7 +395,7 @@ def run_cases(cases_path, results_path, runs):
             returncode = os.waitstatus_to_exitcode(status[1])
         left = sorted(os.path.relpath(os.path.join(d, f), cwd) for d, dirs, files in os.walk(cwd) for f in files + dirs)
         results.append({"returncode": returncode, "stdout": open(out).read(), "stderr": open(err).read(),
-                        "left_behind": left})
+                        "left_behind": left, "seconds": time.time() - start})
         shutil.rmtree(cwd)
     with open(results_path, "w") as f:
         json.dump(results, f)
