@@ -128,14 +128,16 @@ if not os.path.isfile(ckpt):
 try:
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     run, sources, lora = saved["run_config"], saved["sources"], saved["lora"]
-except Exception as e:
-    die(f"{ckpt} is not a train_llava.py checkpoint ({type(e).__name__}: {e})")
+    tower = (sources["vision"], run["model"], run["compress"], run["quick_gelu"])
+    projector, feature_layer = run["projector"], run["feature_layer"]
+except Exception as e:  # another file, or a checkpoint from before the flags were unified (--vision_model)
+    die(f"{ckpt} is not a train_llava.py checkpoint of this version ({type(e).__name__}: {e})")
 
-visual, _ = load_image_tower(sources["vision"], run["model"], run["compress"], run["quick_gelu"])
+visual, _ = load_image_tower(*tower)
 language_model, tok = load_llama(sources["llm"])
 if lora:
     add_lora(language_model, *lora)
-model = LLaVA(visual, language_model, run["projector"], run["feature_layer"])
+model = LLaVA(visual, language_model, projector, feature_layer)
 if model.load_state_dict(saved["model"], strict=False).unexpected_keys:  # it holds the trained parts only
     die(f"{ckpt} does not fit the model its own run config describes")
 model.to(device).eval()
