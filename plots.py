@@ -62,7 +62,7 @@ def plot_lr_find(lrs, losses, suggestion, path, title="LR range test"):
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower left")
     return save(fig, path)
 
 
@@ -80,7 +80,8 @@ def plot_segment_histogram(counts, target, path, title="segments per image"):
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.bar(values, heights, width=0.8, color="tab:blue")
-    ax.bar_label(bars, labels=[str(h) if h else "" for h in heights], fontsize=8)
+    ax.bar_label(bars, labels=[str(h) if h else "" for h in heights], fontsize=8, padding=3,
+                 bbox=dict(facecolor="white", edgecolor="none", pad=1))  # readable where a marker line crosses
     ax.axvline(target, color="tab:red", linestyle="--", label=f"target {target:.3g}")
     ax.axvline(mean, color="black", linestyle=":", label=f"mean {mean:.3g}")
     ax.set_xlim(min(low, target) - 1, max(high, target) + 1)

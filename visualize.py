@@ -149,8 +149,8 @@ def stats(folder, model, checkpoint, out_dir):
     target = os.path.join(out_dir, "segments_histogram.png")
     name = checkpoint.get("run_config", {}).get("model", "")
     plot_segment_histogram(counts, N * result["target_rate"], target,
-                           title=f"{name} {checkpoint['model_config']['compress']:g}x: segments per image, "
-                                 f"{len(counts)} images of {folder}; mean rate {result['mean_rate']:.3f}")
+                           title=f"{name} {checkpoint['model_config']['compress']:g}x, {len(counts)} images of {folder}: "
+                                 f"rate {result['mean_rate']:.3f}")
     result["plot"] = target
     return result
 
