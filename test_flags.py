@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("train_clip.py", ["--templates", f"{F}/notes.txt"], "every line needs exactly one {}"),
     ("train_clip.py", ["--init_from", f"{F}/notes.txt"], "cannot read weights"),
     ("train_clip.py", ["--init_from", f"{F}/nothing.pt"], "no weights file"),
+    ("train_clip.py", ["--init_from", f"{F}/wrong_size.pt"], "weights of another model size"),
     ("train_clip.py", ["--out_dir", f"{F}/notes.txt/out"], "--out_dir"),
     ("train_clip.py", ["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
     ("train_clip.py", ["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
@@ -115,6 +116,7 @@ BAD_VALUES = [
     ("train_imagenet.py", ["--data_dir", f"{F}/notes.txt/data"], "--data_dir"),
     ("train_imagenet.py", ["--data_dir", f"{F}/imagenet"], "give --train_data"),
     ("train_imagenet.py", ["--init_from", f"{F}/notes.txt"], "cannot read weights"),
+    ("train_imagenet.py", ["--init_from", f"{F}/wrong_size.pt"], "weights of another model size"),
     ("train_imagenet.py", ["--backbone_lr_scale", "0"], "--backbone_lr_scale must be > 0"),
     ("train_imagenet.py", ["--out_dir", f"{F}/notes.txt/out"], "--out_dir"),
     ("train_imagenet.py", ["--epochs", "0"], "--epochs must be > 0"),
@@ -139,6 +141,7 @@ BAD_VALUES = [
     ("train_llava.py", [], "no CLIP image tower at out/clip_tiny_c1/ckpt.pt"),
     ("train_llava.py", ["--init_from", f"{F}/notes.txt"], "cannot read weights"),
     ("train_llava.py", ["--init_from", f"{F}/text_tower_only.pt"], "lacks image tower weights (visual."),
+    ("train_llava.py", ["--init_from", f"{F}/wrong_size.pt"], "weights of another model size"),
     ("train_llava.py", ["--model", "ViT-X"], "--model must be one of"),
     ("train_llava.py", ["--compress", "0.5"], "--compress must be 0 (the tower's) or >= 1"),
     ("train_llava.py", ["--compress", "-1"], "--compress must be >= 0"),
@@ -249,7 +252,7 @@ CASES = BAD_VALUES + wrong_type_cases()
 
 
 def make_fixtures(root):
-    """The files the table points at: an empty folder, a text file, CLIP checkpoints, an ImageFolder, a shard, a
+    """The files the table points at: an empty folder, a text file, CLIP checkpoints and weights, an ImageFolder, a shard, a
     LLaVA JSON, an LLM folder's config, and train/ + val/ ImageFolders where the built-in data would go."""
     import io
     import tarfile
@@ -267,6 +270,7 @@ def make_fixtures(root):
                     "tokenizer": ""}, f"{root}/clip_c{compress}.pt")
     torch.save({k: v for k, v in CLIP(make_config("tiny")).state_dict().items() if not k.startswith("visual.")},
                f"{root}/text_tower_only.pt")
+    torch.save({"visual.conv1.weight": torch.zeros(8, 3, 4, 4)}, f"{root}/wrong_size.pt")  # not the tiny model's 128 x 3 x 8 x 8
     for folder in ("folder/a", "folder/b", "imagenet/train/a", "imagenet/val/a"):
         os.makedirs(f"{root}/{folder}")
         Image.new("RGB", (48, 48), "red").save(f"{root}/{folder}/0.jpg")

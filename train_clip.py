@@ -187,6 +187,18 @@ random.seed(seed + rank)
 torch.manual_seed(seed + rank)
 dtype, autocast = autocast_context(device, dtype)
 checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers") if resume else None
+# the model and its starting weights before any data is written: weights of another size stop the run here
+raw_model = CLIP(model_config).to(device)
+raw_model.visual.transformer.grad_checkpointing = grad_checkpointing
+raw_model.transformer.grad_checkpointing = grad_checkpointing
+if init_weights is not None:
+    try:
+        missing, unexpected = load_clip_weights(raw_model, init_weights)
+    except ValueError as e:
+        die(f"--init_from {init_from}: {e}; choose the matching --model")
+    if master:
+        print(f"initialised from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}; "
+              f"unexpected (ignored): {', '.join(unexpected) or 'none'}")
 val_transform = image_transform(model_config.image_size, augment=False)
 val_set = image_folder(val_data, val_transform, "--val_data") if val_data else None
 
@@ -234,17 +246,6 @@ else:
 if tok.get_vocab_size() > model_config.vocab_size:
     die(f"tokenizer has {tok.get_vocab_size()} tokens, more than the model's vocabulary of {model_config.vocab_size}")
 
-raw_model = CLIP(model_config).to(device)
-raw_model.visual.transformer.grad_checkpointing = grad_checkpointing
-raw_model.transformer.grad_checkpointing = grad_checkpointing
-if init_weights is not None:
-    try:
-        missing, unexpected = load_clip_weights(raw_model, init_weights)
-    except ValueError as e:
-        die(f"--init_from {init_from}: {e}; choose the matching --model")
-    if master:
-        print(f"initialised from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}; "
-              f"unexpected (ignored): {', '.join(unexpected) or 'none'}")
 if eval_only:
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])

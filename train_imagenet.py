@@ -193,6 +193,17 @@ random.seed(seed + rank)
 torch.manual_seed(seed + rank)  # also draws the mixup weights, so --seed reproduces a mixup run
 dtype, autocast = autocast_context(device, dtype)
 
+# starting weights loaded before any data is written: weights of another model size stop the run here
+clip = CLIP(model_config)
+if weights is not None:
+    try:
+        missing, unexpected = load_clip_weights(clip, weights)
+    except ValueError as e:
+        die(f"--init_from {init_from}: {e}; choose the matching --model")
+    missing = [k for k in missing if k.startswith("visual.")]
+    if master:
+        print(f"image tower from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}")
+
 size = model_config.image_size
 if train_data:
     train_source = train_shards or image_folder(train_data, train_transform(size), "--train_data")
@@ -209,15 +220,6 @@ else:
 if checkpoint is not None and checkpoint["num_classes"] != num_classes:
     die(f"{ckpt_path} was trained on {checkpoint['num_classes']} classes, this data has {num_classes}")
 
-clip = CLIP(model_config)
-if weights is not None:
-    try:
-        missing, unexpected = load_clip_weights(clip, weights)
-    except ValueError as e:
-        die(f"--init_from {init_from}: {e}; choose the matching --model")
-    missing = [k for k in missing if k.startswith("visual.")]
-    if master:
-        print(f"image tower from {init_from}; missing (start fresh): {', '.join(missing) or 'none'}")
 classifier = Classifier(clip.visual, num_classes).to(device)
 del clip, weights
 if freeze:  # before DDP wraps the model, so DDP never waits for a gradient that cannot come
