@@ -101,6 +101,7 @@ BAD_VALUES = [
     ("train_clip.py", ["--resume"], "--resume: no checkpoint"),
     ("train_clip.py", ["--max_steps", "-1"], "--max_steps must be >= 0"),
     ("train_clip.py", ["--eval_only"], "--eval_only evaluates --init_from weights"),
+    ("train_clip.py", C4 + ["--eval_only", "--compress", "2"], "--compress 2 contradicts"),
     # train_imagenet.py, every option
     ("train_imagenet.py", ["--model", "ViT-X"], "--model must be one of"),
     ("train_imagenet.py", ["--compress", "-1"], "--compress must be >= 0"),

@@ -181,6 +181,9 @@ if templates not in ("", "80", "7"):
 init_weights = load_weights_file(init_from) if init_from and not resume else None
 if eval_only and init_weights is not None and "model_config" in init_weights:
     model_config = CLIPConfig(**init_weights["model_config"])
+    if compress != 1 and compress != model_config.compress:
+        die(f"--compress {compress:g} contradicts {init_from}, a compress-{model_config.compress:g} checkpoint, which "
+            "--eval_only evaluates as it is; drop --compress")
 rank, world_size, device = setup_distributed()
 master = rank == 0
 random.seed(seed + rank)
