@@ -196,9 +196,10 @@ def all_reduce_sum(values, device):
 
 @torch.no_grad()
 def classification_accuracy(batches, classify, device, autocast):
-    """Top-1/top-5 accuracy (%) and mean boundary rate over (images, labels) batches, summed over
-    ranks (each rank passes its own share). classify(images) -> (B x C logits, VisionOutput)."""
-    top1 = top5 = count = rate = 0
+    """Top-1/top-5 accuracy (%), mean boundary rate and mean image tokens out of the tower over
+    (images, labels) batches, summed over ranks (each rank passes its own share).
+    classify(images) -> (B x C logits, VisionOutput)."""
+    top1 = top5 = count = rate = tokens = 0
     for images, labels, *_ in batches:
         images, labels = images.to(device), labels.to(device)
         with autocast:
@@ -208,11 +209,12 @@ def classification_accuracy(batches, classify, device, autocast):
         top5 += (top == labels[:, None]).any(1).sum().item()
         count += len(labels)
         rate += vision.boundary_rate.item() * len(labels)
-    top1, top5, count, rate = all_reduce_sum([top1, top5, count, rate], device)
+        tokens += vision.valid.sum().item()
+    top1, top5, count, rate, tokens = all_reduce_sum([top1, top5, count, rate, tokens], device)
     if count == 0:
         die("the evaluation data held no readable image")
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "eval_boundary_rate": rate / count,
-            "eval_images": int(count)}
+            "eval_tokens": tokens / count, "eval_images": int(count)}
 
 
 def cosine_lr(step, total_steps, warmup_steps, lr):
@@ -292,24 +294,28 @@ def load_clip_checkpoint(path, checkpoint=None):
     return model.eval(), checkpoint
 
 
-def load_image_tower(path, model_name="tiny", compress=1.0, quick_gelu=False, flag="--init_from"):
+def load_image_tower(path, model_name="tiny", compress=1.0, quick_gelu=False, reducer="drip", flag="--init_from"):
     """The image tower of a train_clip.py checkpoint (built from its own config), or of
-    open_clip / OpenAI CLIP weights loaded into make_config(model_name, compress, quick_gelu).
+    open_clip / OpenAI CLIP weights loaded into make_config(model_name, compress, quick_gelu, reducer).
     Returns (tower, its CLIPConfig)."""
     weights = load_weights_file(path)
     if "model_config" in weights:
         clip = load_clip_checkpoint(path, weights)[0]
         return clip.visual, clip.cfg
-    clip = CLIP(make_config(model_name, compress=compress, quick_gelu=quick_gelu))
+    try:
+        clip = CLIP(make_config(model_name, compress=compress, quick_gelu=quick_gelu, reducer=reducer))
+    except ValueError as e:
+        die(str(e))
     try:
         missing, _ = load_clip_weights(clip, weights)
     except ValueError as e:
         die(f"{flag} {path}: {e}; choose the matching model")
-    tower_missing = [k for k in missing if k.startswith("visual.") and "boundary_predictor" not in k]
+    tower_missing = [k for k in missing if k.startswith("visual.")
+                     and not k.startswith(("visual.boundary_predictor.", "visual.reducer."))]
     if tower_missing:
         die(f"{flag} {path} lacks image tower weights ({tower_missing[0]}, ...)")
-    if compress > 1 and int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: the boundary predictor of {path} is untrained; train the tower with train_clip.py --init_from first")
+    if compress > 1 and reducer not in ("uniform", "tome") and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: the {reducer} layers of {path} are untrained; train the tower with train_clip.py --init_from first")
     return clip.visual, clip.cfg
 
 

@@ -2,9 +2,11 @@
 and with --bench the measured training-step time and memory, per compression.
 
     python flops.py --model ViT-B-32 --compress 1 2 4 10
+    python flops.py --model tiny --compress 2 4 10 --reducer drip uniform tome dynamicvit tokenlearner group
     python flops.py --model ViT-B-16 --compress 1 4 --bench --batch_size 256 --device cuda
     python flops.py --model tiny --compress 1 4 --bench --batch_size 128          # CPU
     python flops.py --ckpt out/clip_tiny_c4/ckpt.pt --images data/shapes/val/red_cross
+    python flops.py --runs out/clip_tiny_c4 out/clip_tiny_tome_c4 --plot accuracy_vs_gflops.png
     python flops.py --model ViT-L-14-336 --compress 1 2 4 10 --llm_model vicuna-7b   # + LLaVA's LLM side
 
 fvcore counts one multiply-add as one flop, as DynamicViT, ToMe and timm tables do. It
@@ -19,6 +21,8 @@ LLaVA cost per image is added: the image tokens the language model reads (the va
 segment tokens of --feature_layer, CLS dropped), the tower up to that layer, the
 projector, and the LLM prefill over those image tokens plus --prompt_tokens text tokens
 (all analytic; the LLM and projector formulas are checked against fvcore in the tests).
+--reducer counts the other ways to shorten the tower, each set to DRIP's analytic MACs
+at that compression (ToMe's r and DynamicViT's keep rate are solved and printed), in eval.
 """
 import json
 import os
@@ -41,8 +45,9 @@ with warnings.catch_warnings():  # fvcore applies torch.jit.script at import, wh
 
 from common import ArgumentParser, die, load_clip_checkpoint
 from data import image_transform, load_image
-from model import (CLIP, LLAMA_CONFIGS, CLIPConfig, LlamaConfig, even_boundaries, image_tower_macs, llama_config_from_hf,
-                   make_config)
+from model import (CLIP, LLAMA_CONFIGS, REDUCERS, CLIPConfig, LlamaConfig, describe_reducer, even_boundaries,
+                   image_tower_macs, llama_config_from_hf, make_config)
+from plots import plot_accuracy_vs_gflops
 
 
 def sdpa_macs(inputs, outputs):
@@ -91,23 +96,30 @@ def text_tower_macs(cfg: CLIPConfig):
     return cfg.text_layers * (12 * L * W * W + 2 * L * L * W) + W * cfg.embed_dim
 
 
-def flops_rows(model_name, compresses, pre_layers, skipped):
+def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
+    """One row per (compress, reducer); compress 1 is the plain ViT, one row whatever the reducer."""
     rows = []
     for compress in compresses:
-        cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
-        clip = CLIP(cfg)
-        N = clip.visual.num_patches
-        segments = max(1, round(N / compress))
-        boundaries = even_boundaries(1, N, segments) if compress > 1 else None
-        images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
-        image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
-        if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
-            image += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, N, cfg.width),), skipped)
-        text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
-        rows.append({"model": model_name, "compress": compress, "tokens_after_pooling": segments,
-                     "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg, segments) / 1e9,
-                     "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
-                     "pair_gflops": (image + text) / 1e9})
+        for reducer in reducers[:1] if compress == 1 else reducers:
+            cfg = make_config(model_name, compress=compress, reducer=reducer,
+                              **({"pre_layers": pre_layers} if pre_layers else {}))
+            torch.manual_seed(0)
+            clip = CLIP(cfg).eval()
+            N = clip.visual.num_patches
+            segments = max(1, round(N / compress))
+            boundaries = even_boundaries(1, N, segments) if clip.visual.boundary_predictor is not None else None
+            images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+            image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
+            if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
+                image += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, N, cfg.width),), skipped)
+            with torch.no_grad():
+                tokens = int(clip.visual(images, boundaries=boundaries).valid.sum())
+            text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
+            rows.append({"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none",
+                         "setting": describe_reducer(cfg), "tokens_last_block": tokens,
+                         "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg) / 1e9,
+                         "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
+                         "pair_gflops": (image + text) / 1e9})
     base = rows[0] if rows[0]["compress"] == 1 else None
     for row in rows:
         row["image_ratio"] = row["image_gflops_fvcore"] / base["image_gflops_fvcore"] if base else None
@@ -134,6 +146,32 @@ def checkpoint_row(ckpt, image_dir, max_images, skipped):
     return {"checkpoint": ckpt, "compress": cfg.compress, "images": len(files),
             "image_gflops_predicted": statistics.mean(macs) / 1e9, "measured_rate": statistics.mean(rates),
             "target_rate": 1 / cfg.compress, "image_gflops_target_rate": image_tower_macs(cfg) / 1e9}
+
+
+def runs_rows(run_dirs):
+    """The last zero-shot record of train_clip.py runs with their tower's analytic GFLOPs, one row per
+    (reducer, compress): top-1 of each run (its seed), their mean, and the other columns averaged."""
+    groups = {}
+    for run in run_dirs:
+        try:
+            checkpoint = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                last = [json.loads(line) for line in f][-1]
+            cfg = CLIPConfig(**checkpoint["model_config"])
+        except (OSError, KeyError, IndexError, TypeError, ValueError) as e:
+            sys.exit(f"error: {run} is not a finished train_clip.py run ({type(e).__name__}: {e})")
+        key = (cfg.reducer if cfg.compress > 1 else "plain ViT", cfg.compress)
+        groups.setdefault(key, []).append({"seed": checkpoint["run_config"].get("seed"), "config": cfg, **last})
+    rows = []
+    for (reducer, compress), runs in groups.items():
+        def mean(key):
+            return statistics.mean(r[key] for r in runs)
+        rows.append({"reducer": reducer, "compress": compress, "setting": describe_reducer(runs[0]["config"]),
+                     "image_gflops_analytic": image_tower_macs(runs[0]["config"]) / 1e9,
+                     "zero_shot_top1": mean("zero_shot_top1"), "top1_by_seed": {r["seed"]: r["zero_shot_top1"] for r in runs},
+                     "eval_tokens": mean("eval_tokens"), "eval_rate": mean("eval_boundary_rate"),
+                     "train_rate": mean("train_boundary_rate"), "step_time_s": mean("step_time_s")})
+    return sorted(rows, key=lambda r: (r["compress"], REDUCERS.index(r["reducer"]) if r["reducer"] in REDUCERS else -1))
 
 
 # ----------------------------------------------------------------------------- the LLaVA side
@@ -218,14 +256,15 @@ def timed(fns, steps, device):
     return [statistics.median(record) for record in times]
 
 
-def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup):
+def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup, reducer="drip"):
     """Training-step time (forward, backward, AdamW step), inference throughput and memory for one compression.
 
     For compress > 1 the same model is also timed with its ceiling, boundaries fixed evenly at
     exactly round(N / compress): every image has the same length and nothing is padded, the
-    speed of a fixed cut of the same length. The two alternate step by step.
+    speed of a fixed cut of the same length. The two alternate step by step. Other reducers
+    are timed alone.
     """
-    cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
+    cfg = make_config(model_name, compress=compress, reducer=reducer, **({"pre_layers": pre_layers} if pre_layers else {}))
     torch.manual_seed(0)
     model = CLIP(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -237,7 +276,8 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
     text = torch.randint(1, cfg.vocab_size, (batch_size, cfg.context_length), device=device)
     labels = torch.arange(batch_size, device=device)
     N = model.visual.num_patches
-    even = even_boundaries(batch_size, N, max(1, round(N / compress)), device) if compress > 1 else None
+    drip = model.visual.boundary_predictor is not None
+    even = even_boundaries(batch_size, N, max(1, round(N / compress)), device) if drip else None
     saved_bytes = [0]
 
     def count_saved(t):
@@ -281,14 +321,14 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
     with autocast, torch.no_grad():
         vision = model.visual(images, sample=True)
     hook.remove()
-    real_token_fraction = (vision.valid.sum().item() + batch_size) / computed[0] if compress > 1 else 1.0
+    real_token_fraction = (vision.valid.sum().item() + batch_size) / computed[0] if drip else 1.0
 
     model.eval()
     for _ in range(warmup):
         for boundaries in variants:
             infer_step(boundaries)
     infer_s = timed([lambda b=b: infer_step(b) for b in variants], steps, device)
-    row = {"model": model_name, "compress": compress, "tower": tower, "batch_size": batch_size, "device": str(device),
+    row = {"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none", "tower": tower, "batch_size": batch_size, "device": str(device),
            "step_ms": 1000 * step_s[0], "images_per_s": batch_size / step_s[0], "infer_images_per_s": batch_size / infer_s[0],
            "peak_memory_gib": peak, "saved_activations_gib": saved_bytes[0] / 2**30,
            "real_token_fraction": real_token_fraction}
@@ -300,7 +340,8 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
 
 def bench_rows(args, device):
     rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
-                      args.steps, args.warmup) for c in args.compress]
+                      args.steps, args.warmup, reducer)
+            for c in args.compress for reducer in (args.reducer[:1] if c == 1 else args.reducer)]
     base = rows[0] if rows[0]["compress"] == 1 else None
     memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
     for row in rows:
@@ -314,8 +355,12 @@ def main():
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10])
     parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
+    parser.add_argument("--reducer", nargs="+", default=["drip"], choices=REDUCERS,
+                        help="ways to shorten the tower, each at DRIP's analytic MACs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--ckpt", help="a train_clip.py checkpoint: also count with its predicted boundaries")
+    parser.add_argument("--runs", nargs="+", help="instead: finished train_clip.py run folders, accuracy against GFLOPs")
+    parser.add_argument("--plot", help="with --runs: a PNG of top-1 against analytic image-tower GFLOPs, a line per reducer")
     parser.add_argument("--images", help="folder of images for --ckpt")
     parser.add_argument("--max_images", type=int, default=50)
     parser.add_argument("--llm_model", help="LLaVA's language model, a named Llama config (e.g. vicuna-7b): "
@@ -365,8 +410,27 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but no GPU is visible")
 
+    if args.runs:
+        rows = runs_rows(args.runs)
+        if args.plot:
+            lines = {}
+            for r in rows:
+                lines.setdefault(r["reducer"], []).append((r["image_gflops_analytic"], r["zero_shot_top1"], f"{r['compress']:g}x"))
+            plot_accuracy_vs_gflops(lines, args.plot, title="zero-shot top-1 against image-tower compute",
+                                    accuracy_label="zero-shot top-1 (%, mean over seeds)",
+                                    gflops_label="image-tower GFLOPs (analytic multiply-adds)")
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return
+        print(f"{'reducer':>12} {'compress':>8} {'GFLOPs':>8} {'top-1 mean':>10} {'by seed':>16} {'tokens':>6} "
+              f"{'eval rate':>9} {'train rate':>10} {'step s':>7}")
+        for r in rows:
+            seeds = " ".join(f"{v:.2f}" for _, v in sorted(r["top1_by_seed"].items(), key=str))
+            print(f"{r['reducer']:>12} {r['compress']:>8g} {r['image_gflops_analytic']:>8.4f} {r['zero_shot_top1']:>10.2f} "
+                  f"{seeds:>16} {r['eval_tokens']:>6.2f} {r['eval_rate']:>9.3f} {r['train_rate']:>10.3f} {r['step_time_s']:>7.3f}")
+        return
     skipped = Counter()
-    result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped)}
+    result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped, args.reducer)}
     if args.ckpt:
         result["checkpoint"] = checkpoint_row(args.ckpt, args.images, args.max_images, skipped)
     if llm:
@@ -379,13 +443,16 @@ def main():
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{'model':12} {'compress':>8} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
+    print(f"{'model':12} {'compress':>8} {'reducer':>12} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
           f"{'text':>6} {'pair':>7} {'pair speed-up ceiling':>21}")
     for r in result["flops"]:
         ratio = f"{r['image_ratio']:.2f}" if r["image_ratio"] else "-"
         ceiling = f"{r['pair_speedup_ceiling']:.2f}x" if r["pair_speedup_ceiling"] else "-"
-        print(f"{r['model']:12} {r['compress']:>8g} {r['tokens_after_pooling']:>6} {r['image_gflops_fvcore']:>12.3f} "
-              f"{r['image_gflops_analytic']:>9.3f} {ratio:>6} {r['text_gflops_fvcore']:>6.2f} {r['pair_gflops']:>7.2f} {ceiling:>21}")
+        print(f"{r['model']:12} {r['compress']:>8g} {r['reducer']:>12} {r['tokens_last_block']:>6} "
+              f"{r['image_gflops_fvcore']:>12.4f} {r['image_gflops_analytic']:>9.4f} {ratio:>6} "
+              f"{r['text_gflops_fvcore']:>6.2f} {r['pair_gflops']:>7.2f} {ceiling:>21}")
+    print("\n".join(["", "tokens: patch-derived tokens out of the last block, in eval"]
+                    + [r["setting"] for r in result["flops"] if r["reducer"] in ("tome", "dynamicvit")]))
     if args.ckpt:
         c = result["checkpoint"]
         print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "
@@ -406,16 +473,16 @@ def main():
         memory = "peak GiB" if args.device.startswith("cuda") else "saved-activation GiB"
         print(f"\n{args.tower} tower training step, batch {args.batch_size}, {args.device}, "
               f"torch {torch.__version__}{', compiled' if args.compile else ''}")
-        print(f"{'compress':>8} {'step ms':>8} {'images/s':>9} {'speed-up':>8} {'of ceiling':>10} {memory:>20} "
+        print(f"{'compress':>8} {'reducer':>12} {'step ms':>8} {'images/s':>9} {'speed-up':>8} {'of ceiling':>10} {memory:>20} "
               f"{'ratio':>6} {'real tokens':>11} {'inference images/s':>18}")
         for r in result["bench"]:
             m = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["saved_activations_gib"]
             of_ceiling = f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else "-"
-            print(f"{r['compress']:>8g} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} {(r['speedup'] or 0):>7.2f}x "
+            print(f"{r['compress']:>8g} {r['reducer']:>12} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} {(r['speedup'] or 0):>7.2f}x "
                   f"{of_ceiling:>10} {m:>20.3f} {(r['memory_ratio'] or 0):>6.2f} {r['real_token_fraction']:>11.1%} "
                   f"{r['infer_images_per_s']:>18.1f}")
             if "ceiling_step_ms" in r:
-                print(f"{'ceiling':>8} {r['ceiling_step_ms']:>8.1f} {args.batch_size * 1000 / r['ceiling_step_ms']:>9.1f} "
+                print(f"{'ceiling':>8} {'':>12} {r['ceiling_step_ms']:>8.1f} {args.batch_size * 1000 / r['ceiling_step_ms']:>9.1f} "
                       f"{'':>8} {'':>10} {'':>20} {'':>6} {'':>11} {r['ceiling_infer_images_per_s']:>18.1f}")
         print("ceiling: the same model with boundaries fixed evenly at round(N / compress), nothing padded; "
               "of ceiling = its step time / this row's")

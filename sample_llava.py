@@ -128,7 +128,7 @@ if not os.path.isfile(ckpt):
 try:
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     run, sources, lora = saved["run_config"], saved["sources"], saved["lora"]
-    tower = (sources["vision"], run["model"], run["compress"], run["quick_gelu"])
+    tower = (sources["vision"], run["model"], run["compress"], run["quick_gelu"], run.get("reducer") or "drip")
     projector, feature_layer = run["projector"], run["feature_layer"]
 except Exception as e:  # another file, or a checkpoint from before the flags were unified (--vision_model)
     die(f"{ckpt} is not a train_llava.py checkpoint of this version ({type(e).__name__}: {e})")

@@ -2,6 +2,7 @@
 
     python train_clip.py                                  # tiny model on built-in shapes data, CPU
     python train_clip.py --compress 4                     # the same with DRIP at 4x
+    python train_clip.py --compress 4 --reducer tome      # ToMe at DRIP's 4x MACs (uniform, dynamicvit, tokenlearner, group)
     torchrun --nproc_per_node=8 train_clip.py --model ViT-B-16 --compress 4 \\
         --train_data 'laion/{00000..01023}.tar' --train_num_samples 10000000 \\
         --val_data imagenet/val --batch_size 256 --epochs 10  # CLIP's 1000 class names, 80 templates
@@ -38,13 +39,14 @@ from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, 
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
                   zero_shot_templates)
-from model import CLIP, CONFIGS, CLIPConfig, image_tower_macs, load_clip_weights, make_config
+from model import CLIP, CONFIGS, REDUCERS, CLIPConfig, describe_reducer, image_tower_macs, load_clip_weights, make_config
 from plots import plot_curves
 
 # -----------------------------------------------------------------------------
 # defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
 model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336
 compress = 1.0              # DRIP compression; 1 = plain ViT
+reducer = "drip"            # drip | uniform | tome | dynamicvit | tokenlearner | group (the others at DRIP's MACs)
 pre_layers = 0              # blocks before pooling; 0 = the model's default
 train_data = ""             # webdataset shards, e.g. 'shards/{00000..01023}.tar'; empty = built-in shapes
 train_num_samples = 0       # samples per epoch (required with --train_data)
@@ -55,14 +57,14 @@ tokenizer = ""              # tokenizer.json or bpe_simple_vocab_16e6.txt.gz; em
 init_from = ""              # open_clip / OpenAI CLIP weights or a train_clip.py checkpoint (.pt/.bin/.safetensors)
 quick_gelu = False          # True for OpenAI's CLIP weights
 data_dir = "data"           # where the built-in data is written
-out_dir = ""                # empty = out/clip_<model>_c<compress>
+out_dir = ""                # empty = out/clip_<model>_c<compress>, out/clip_<model>_<reducer>_c<compress> for other reducers
 epochs = 6
 batch_size = 128            # per rank
 lr = 1e-3
 warmup_steps = 50
 weight_decay = 0.2          # on matrices only
 beta1, beta2, eps = 0.9, 0.98, 1e-6
-boundary_loss_weight = 1.0  # lambda of the binomial prior
+boundary_loss_weight = 1.0  # lambda of the binomial prior (of DynamicViT's keep-ratio loss with --reducer dynamicvit)
 grad_clip = 1.0             # 0 = off
 workers = 1                 # data loader processes per rank
 seed = 0
@@ -128,7 +130,8 @@ def zero_shot(model, tok, dataset, names, prompts, device, autocast):
     result = classification_accuracy(loader, classify, device, autocast)
     model.train()
     return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"],
-            "eval_boundary_rate": result["eval_boundary_rate"], "eval_images": result["eval_images"]}
+            "eval_boundary_rate": result["eval_boundary_rate"], "eval_tokens": result["eval_tokens"],
+            "eval_images": result["eval_images"]}
 
 
 # ----------------------------------------------------------------------------- loss
@@ -153,13 +156,14 @@ def contrastive_loss(image_features, text_features, logit_scale):
 check_options(config, positive=["epochs", "batch_size", "lr", "eps", "log_every", "checkpoint_every"],
               non_negative=["pre_layers", "train_num_samples", "warmup_steps", "weight_decay", "boundary_loss_weight",
                             "grad_clip", "workers", "seed", "max_steps"],
-              fractions=["beta1", "beta2"], choices={"model": list(CONFIGS)})
-overrides = {"compress": compress, "quick_gelu": quick_gelu} | ({"pre_layers": pre_layers} if pre_layers else {})
+              fractions=["beta1", "beta2"], choices={"model": list(CONFIGS), "reducer": REDUCERS})
+overrides = ({"compress": compress, "reducer": reducer, "quick_gelu": quick_gelu}
+             | ({"pre_layers": pre_layers} if pre_layers else {}))
 try:
     model_config = make_config(model, **overrides)
 except ValueError as e:
     die(f"{e}; check --compress/--pre_layers")
-out_dir = out_dir or f"out/clip_{model}_c{model_config.compress:g}"
+out_dir = out_dir or f"out/clip_{model}{'' if reducer == 'drip' else '_' + reducer}_c{model_config.compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")
 if eval_only and not init_from and not resume:
@@ -189,7 +193,7 @@ master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)
 dtype, autocast = autocast_context(device, dtype)
-checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers") if resume else None
+checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers/--reducer") if resume else None
 # the model and its starting weights before any data is written: weights of another size stop the run here
 raw_model = CLIP(model_config).to(device)
 raw_model.visual.transformer.grad_checkpointing = grad_checkpointing
@@ -298,6 +302,7 @@ if master:
     print(f"{model_config.image_size}px {model} compress {compress:g}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
           f"parameters, {world_size} rank(s), {progress.plan()}, {device} {dtype}", flush=True)
     print(zero_shot_note, flush=True)
+    print(describe_reducer(model_config))
 target_rate = 1 / compress
 skipped_total = 0
 epoch_summary = {}
@@ -324,6 +329,7 @@ while step < total_steps and (not max_steps or step < max_steps):
         optimizer.step()
         with torch.no_grad():
             raw_model.logit_scale.clamp_(0, math.log(100))
+        raw_model.visual.track_rate(vision.boundary_rate)  # DRIP's rate controller (DDP broadcasts rank 0's)
         step += 1
         progress.advance(len(images) * world_size)
         skipped_total += skipped
@@ -362,9 +368,10 @@ if master and epoch_summary:
     plot_curves([out_dir], os.path.join(out_dir, "curves.png"))
     print(f"curves: {out_dir}/curves.png")
     s = epoch_summary
+    name_suffix = "" if reducer == "drip" else f" {reducer}"
     print("| model | GFLOPs (analytic) | resolution | patch size | #epochs | Top-1 Acc (%) | Top-5 Acc (%) "
           "| peak memory (GB) | avg training step time (s) |")
-    print(f"| {model}{'' if compress == 1 else f' {compress:g}x comp'} | {image_tower_macs(model_config) / 1e9:.2f} "
+    print(f"| {model}{'' if compress == 1 else f'{name_suffix} {compress:g}x comp'} | {image_tower_macs(model_config) / 1e9:.2f} "
           f"| {model_config.image_size} | {model_config.patch_size} | {s['epoch']:g} | {s['zero_shot_top1']:.2f}% "
           f"| {s['zero_shot_top5']:.2f}% | {s['peak_memory_gb']:.1f} | {s['step_time_s']:.3f} |")
 if dist.is_initialized():

@@ -38,13 +38,14 @@ from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, 
                     classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides, peak_memory_gb,
                     read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
-from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
+from model import CLIP, CONFIGS, REDUCERS, CLIPConfig, decay_groups, describe_reducer, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
 
 # -----------------------------------------------------------------------------
 # defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
 model = ""                  # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; empty = the --init_from checkpoint's, else tiny
 compress = 0.0              # DRIP compression; 0 = the --init_from checkpoint's, else 1 (plain ViT)
+reducer = ""                # drip | uniform | tome | dynamicvit | tokenlearner | group (at DRIP's MACs); empty = the checkpoint's, else drip
 train_data = ""             # ImageFolder (e.g. imagenet/train) or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'; empty = built-in shapes
 val_data = ""               # ImageFolder or shards, for evaluation; required with --train_data
 train_num_samples = 0       # samples per epoch, with training shards
@@ -151,7 +152,7 @@ check_options(config, positive=["epochs", "batch_size", "lr", "backbone_lr_scale
                                 "lr_find_steps"],
               non_negative=["compress", "train_num_samples", "num_classes", "warmup_steps", "weight_decay", "mixup",
                             "boundary_loss_weight", "workers", "seed", "max_steps"],
-              fractions=["label_smoothing"], choices={"model": [""] + list(CONFIGS)})
+              fractions=["label_smoothing"], choices={"model": [""] + list(CONFIGS), "reducer": ("",) + REDUCERS})
 if bool(train_data) != bool(val_data):
     die("--train_data and --val_data go together (ImageFolders or shards with .cls labels)")
 if not train_data and os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
@@ -172,20 +173,24 @@ if weights is not None and "model_config" in weights:
     if compress and compress != model_config.compress:
         die(f"--compress {compress:g} contradicts {init_from}, a compress-{model_config.compress:g} tower; "
             "drop --compress or give another --init_from")
+    if reducer and reducer != model_config.reducer:
+        die(f"--reducer {reducer} contradicts {init_from}, a {model_config.reducer} tower; "
+            "drop --reducer or give another --init_from")
     if model and model != saved_model:
         die(f"--model {model} contradicts {init_from}, a {saved_model} tower; drop --model or give another --init_from")
     model = saved_model
 else:
     model = model or "tiny"
     try:
-        model_config = make_config(model, compress=compress or 1.0)
+        model_config = make_config(model, compress=compress or 1.0, reducer=reducer or "drip")
     except ValueError as e:
         die(f"{e}; check --compress")
-config |= {"model": model, "compress": model_config.compress}
-out_dir = config["out_dir"] = out_dir or f"out/imagenet_{model}_c{model_config.compress:g}"
+config |= {"model": model, "compress": model_config.compress, "reducer": model_config.reducer}
+tag = "" if model_config.reducer == "drip" or model_config.compress == 1 else "_" + model_config.reducer
+out_dir = config["out_dir"] = out_dir or f"out/imagenet_{model}{tag}_c{model_config.compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")
-checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress") if resume else None
+checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress/--reducer") if resume else None
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
@@ -255,6 +260,8 @@ def train_step(images, labels, step_lr):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if not freeze:
+        classifier.visual.track_rate(vision.boundary_rate)  # DRIP's rate controller (DDP broadcasts rank 0's)
     return loss, task, vision
 
 
@@ -298,6 +305,7 @@ progress = Progress(step, min(total_steps, max_steps or total_steps), steps_per_
 if master:
     print(f"{model_config.image_size}px compress {model_config.compress:g}, {num_classes} classes, "
           f"{'linear probe' if freeze else 'full training'}, {world_size} rank(s), {progress.plan()}", flush=True)
+    print(describe_reducer(model_config))
 summary, skipped_total = {}, 0
 while step < total_steps and (not max_steps or step < max_steps):
     epoch = step // steps_per_epoch

@@ -13,7 +13,9 @@ Stage 1 trains only the projector on image-caption pairs (tower and LLM frozen, 
 stage 2 trains the projector and the LLM (lr 2e-5), or LoRA adapters on the LLM with
 --lora_r, on conversations. The image tower is always frozen and runs under no_grad. Each
 `<image>` placeholder becomes that image's valid DRIP tokens only, so at --compress 4 the
-LLM reads about a quarter of the image tokens of the plain tower.
+LLM reads about a quarter of the image tokens of the plain tower. A tower trained with
+another `train_clip.py --reducer` (uniform, tome, dynamicvit, tokenlearner, group) gives
+its own tokens the same way; --reducer picks its default checkpoint.
 
 Under torchrun the model is replicated with DDP, or with --fsdp sharded with FSDP2 (one
 unit per decoder layer plus the root; the frozen tower stays whole on every rank), which
@@ -60,9 +62,10 @@ from plots import plot_curves
 # -----------------------------------------------------------------------------
 # defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
 stage = "all"               # all (stage 0 if there is no --llm, then 1, then 2) | 0 | 1 | 2
-init_from = ""              # the image tower: a train_clip.py checkpoint, or open_clip weights with --model; empty = out/clip_tiny_c<compress>/ckpt.pt
+init_from = ""              # the image tower: a train_clip.py checkpoint, or open_clip weights with --model; empty = train_clip.py's default out_dir
 model = "tiny"              # the CLIP config open_clip weights fit, e.g. ViT-L-14-336 (LLaVA-1.5's); a train_clip.py checkpoint brings its own
 compress = 0.0              # DRIP compression of the tower; 0 = the checkpoint's (1 for the default tower and open_clip weights)
+reducer = ""                # the tower's reducer (drip | uniform | tome | dynamicvit | tokenlearner | group); empty = the checkpoint's (drip by default)
 quick_gelu = False          # with OpenAI's CLIP weights
 feature_layer = -2          # image tokens from this block (penultimate, LLaVA's choice), CLS dropped
 projector = "mlp2x_gelu"    # mlp2x_gelu | linear
@@ -566,14 +569,19 @@ if fsdp:
 lr_stage2 = lr_stage2 or (1e-3 if not llm else 2e-4 if lora else 2e-5)
 
 # the frozen image tower, and the names that follow from the configuration it actually has
-init_from = init_from or f"out/clip_tiny_c{compress or 1:g}/ckpt.pt"
+tag = "" if reducer in ("", "drip") else "_" + reducer
+init_from = init_from or f"out/clip_tiny{tag}_c{compress or 1:g}/ckpt.pt"
 if not os.path.isfile(init_from):
-    die(f"no CLIP image tower at {init_from}; run `python train_clip.py --compress {compress or 1:g}` first, or give --init_from")
-visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick_gelu)
+    die(f"no CLIP image tower at {init_from}; run `python train_clip.py --compress {compress or 1:g}"
+        f"{' --reducer ' + reducer if tag else ''}` first, or give --init_from")
+visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick_gelu, reducer or "drip")
 if compress and compress != tower_config.compress:
     die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
-config["compress"] = compress = tower_config.compress
-out_dir = config["out_dir"] = out_dir or f"out/llava_c{compress:g}"
+if reducer and reducer != tower_config.reducer:
+    die(f"--reducer {reducer} contradicts {init_from}, a {tower_config.reducer} tower; drop --reducer or give another --init_from")
+config["compress"], config["reducer"] = compress, reducer = tower_config.compress, tower_config.reducer
+tag = "" if reducer == "drip" or compress == 1 else "_" + reducer
+out_dir = config["out_dir"] = out_dir or f"out/llava{tag}_c{compress:g}"
 check_writable(out_dir, "--out_dir")
 if not -tower_config.layers <= feature_layer < tower_config.layers:
     die(f"--feature_layer must index one of the tower's {tower_config.layers} blocks (-{tower_config.layers} to "

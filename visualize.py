@@ -5,11 +5,13 @@
     python visualize.py img.jpg --sample --seed 42             # Gumbel samples instead of the eval rule
     python visualize.py --stats data/shapes/val                # segments-per-image histogram and mean rate
     python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
+    python visualize.py img.jpg --reducer uniform              # newest checkpoint of train_clip.py --reducer uniform
 
 PNGs go next to each image (name_drip.png) or into --out_dir DIR; the --stats histogram
 (segments_histogram.png, plots.py) into the checkpoint's run folder or --out_dir DIR. Images
 are preprocessed as in training (EXIF orientation, RGB, resize + centre crop). An
-unreadable image is reported and skipped; the others still render.
+unreadable image is reported and skipped; the others still render. Towers with segment
+boundaries can be drawn: DRIP's and uniform pooling's (--reducer); the other reducers have none.
 """
 import colorsys
 import glob
@@ -29,17 +31,19 @@ from plots import plot_segment_histogram
 CELL = 48  # pixels per patch in the drawing
 
 
-def newest_drip_checkpoint(root="out"):
-    """The most recently written train_clip.py checkpoint with compress > 1 (memory-mapped: only
-    its config is read, not its weights; train_imagenet.py and train_llava.py checkpoints are passed over)."""
+def newest_checkpoint(reducer, root="out"):
+    """The most recently written train_clip.py checkpoint with compress > 1 and this reducer (memory-mapped:
+    only its config is read, not its weights; train_imagenet.py and train_llava.py checkpoints are passed over)."""
     for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=os.path.getmtime, reverse=True):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception:  # a checkpoint of an older torch format or a stray file: not ours to draw
             continue
-        if "tokenizer" in checkpoint and checkpoint.get("model_config", {}).get("compress", 1) > 1:
+        cfg = checkpoint.get("model_config", {})
+        if "tokenizer" in checkpoint and cfg.get("compress", 1) > 1 and cfg.get("reducer", "drip") == reducer:
             return path
-    die(f"no DRIP checkpoint under {root}/: train one with `python train_clip.py --compress 4`, or pass --ckpt PATH")
+    die(f"no {reducer} checkpoint under {root}/: train one with `python train_clip.py --compress 4 --reducer {reducer}`, "
+        "or pass --ckpt PATH")
 
 
 @torch.no_grad()
@@ -94,7 +98,8 @@ def describe(checkpoint, boundaries, sample, seed):
     name = checkpoint.get("run_config", {}).get("model", "")
     k, N = int(boundaries.sum()), len(boundaries)
     mode = f", sampled seed {seed}" if sample else ""
-    return f"{name} {cfg['compress']:g}x: {k}/{N} boundaries, rate {k / N:.2f}{mode}"
+    reducer = cfg.get("reducer", "drip")
+    return f"{name}{'' if reducer == 'drip' else ' ' + reducer} {cfg['compress']:g}x: {k}/{N} boundaries, rate {k / N:.2f}{mode}"
 
 
 def render_file(path, models, out_dir, sample, seed):
@@ -186,6 +191,8 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--stats", metavar="DIR", help="histogram of segments per image over a folder")
     parser.add_argument("--object_ratio", type=int, metavar="N", help="boundary/object ratio on N generated shapes")
+    parser.add_argument("--reducer", default="drip", choices=["drip", "uniform"],
+                        help="without --ckpt: the newest checkpoint of this reducer")
     args = parser.parse_args()
     if args.object_ratio is not None and args.object_ratio < 1:
         die(f"--object_ratio must be >= 1 (images), got {args.object_ratio}")
@@ -198,12 +205,15 @@ def main():
             die(f"--ckpt: no checkpoint at {path}")
     if args.out_dir:
         check_writable(args.out_dir, "--out_dir")
-    paths = args.ckpt or [newest_drip_checkpoint()]
+    paths = args.ckpt or [newest_checkpoint(args.reducer)]
     models = [load_clip_checkpoint(path) for path in paths]
     for model, checkpoint in models:
-        if model.visual.boundary_predictor is None:
+        if model.cfg.compress == 1:
             die("that checkpoint is a plain ViT (compress 1): it has no boundaries to draw; "
                 "train one with `python train_clip.py --compress 4`")
+        if model.cfg.reducer not in ("drip", "uniform"):
+            die(f"that checkpoint's tower shortens with {model.cfg.reducer}, which has no segment boundaries to draw "
+                "(drip and uniform have)")
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
     failed = 0
