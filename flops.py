@@ -159,7 +159,7 @@ def runs_rows(run_dirs):
                 last = [json.loads(line) for line in f][-1]
             cfg = CLIPConfig(**checkpoint["model_config"])
         except (OSError, KeyError, IndexError, TypeError, ValueError) as e:
-            sys.exit(f"error: {run} is not a finished train_clip.py run ({type(e).__name__}: {e})")
+            die(f"--runs: {run} is not a finished train_clip.py run ({type(e).__name__}: {e})")
         key = (cfg.reducer if cfg.compress > 1 else "plain ViT", cfg.compress)
         groups.setdefault(key, []).append({"seed": checkpoint["run_config"].get("seed"), "config": cfg, **last})
     rows = []
