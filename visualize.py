@@ -42,8 +42,8 @@ def newest_checkpoint(reducer, root="out"):
         cfg = checkpoint.get("model_config", {})
         if "tokenizer" in checkpoint and cfg.get("compress", 1) > 1 and cfg.get("reducer", "drip") == reducer:
             return path
-    die(f"no {reducer} checkpoint under {root}/: train one with `python train_clip.py --compress 4 --reducer {reducer}`, "
-        "or pass --ckpt PATH")
+    name, flag = ("DRIP", "") if reducer == "drip" else (reducer, f" --reducer {reducer}")
+    die(f"no {name} checkpoint under {root}/: train one with `python train_clip.py --compress 4{flag}`, or pass --ckpt PATH")
 
 
 @torch.no_grad()
