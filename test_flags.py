@@ -69,6 +69,7 @@ BAD_VALUES = [
     ("train_llava.py", ["--generate"], "--generate is now sample_llava.py"),
     # train_clip.py, every option
     ("train_clip.py", ["--model", "ViT-X"], "--model must be one of"),
+    ("train_clip.py", ["--reducer", "pool"], "--reducer must be one of"),
     ("train_clip.py", ["--compress", "0.5"], "compress must be a number >= 1"),
     ("train_clip.py", ["--pre_layers", "-1"], "--pre_layers must be >= 0"),
     ("train_clip.py", ["--compress", "4", "--pre_layers", "9"], "pre_layers must be between 1 and layers-1"),
@@ -104,6 +105,7 @@ BAD_VALUES = [
     ("train_clip.py", C4 + ["--eval_only", "--compress", "2"], "--compress 2 contradicts"),
     # train_imagenet.py, every option
     ("train_imagenet.py", ["--model", "ViT-X"], "--model must be one of"),
+    ("train_imagenet.py", ["--reducer", "pool"], "--reducer must be one of"),
     ("train_imagenet.py", ["--compress", "-1"], "--compress must be >= 0"),
     ("train_imagenet.py", ["--compress", "0.5"], "compress must be a number >= 1"),
     ("train_imagenet.py", ["--train_data", f"{F}/missing-{{0..3}}.tar", "--val_data", f"{F}/shard.tar"],
@@ -144,6 +146,7 @@ BAD_VALUES = [
     ("train_llava.py", ["--init_from", f"{F}/text_tower_only.pt"], "lacks image tower weights (visual."),
     ("train_llava.py", ["--init_from", f"{F}/wrong_size.pt"], "weights of another model size"),
     ("train_llava.py", ["--model", "ViT-X"], "--model must be one of"),
+    ("train_llava.py", ["--reducer", "pool"], "--reducer must be one of"),
     ("train_llava.py", ["--compress", "0.5"], "--compress must be 0 (the tower's) or >= 1"),
     ("train_llava.py", ["--compress", "-1"], "--compress must be >= 0"),
     ("train_llava.py", C4 + ["--feature_layer", "4"], "--feature_layer must index one of the tower's 4 blocks"),

@@ -71,10 +71,10 @@ def test_no_checkpoint_says_how_to_make_one(tmp_path):
 
 def test_newest_drip_checkpoint_passes_over_other_scripts_checkpoints(checkpoint, tmp_path):
     """Without --ckpt: the newest train_clip.py checkpoint with compress > 1, not a newer classifier's."""
-    from visualize import newest_drip_checkpoint
+    from visualize import newest_checkpoint
     os.makedirs(tmp_path / "clip_tiny_c4")
     saved = torch.load(checkpoint, weights_only=False)
     torch.save(dict(saved, tokenizer=""), tmp_path / "clip_tiny_c4" / "ckpt.pt")  # train_clip.py saves its tokenizer
     os.makedirs(tmp_path / "imagenet_tiny_c4")
     torch.save({"model": {}, "model_config": saved["model_config"], "num_classes": 36}, tmp_path / "imagenet_tiny_c4" / "ckpt.pt")
-    assert newest_drip_checkpoint(str(tmp_path)) == str(tmp_path / "clip_tiny_c4" / "ckpt.pt")
+    assert newest_checkpoint("drip", str(tmp_path)) == str(tmp_path / "clip_tiny_c4" / "ckpt.pt")

@@ -56,7 +56,7 @@ from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, 
                     set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
-from model import CONFIGS, IGNORE, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
+from model import CONFIGS, IGNORE, LLAMA_CONFIGS, REDUCERS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
 from plots import plot_curves
 
 # -----------------------------------------------------------------------------
@@ -389,7 +389,8 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
 
     def write_checkpoint():
         states = all_rng_states()
-        weights = get_model_state_dict(model, options=gather)
+        weights = get_model_state_dict(model, options=gather)  # the trained parts, and buffers: the frozen tower's left out
+        weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=gather)
         if master:
             save_checkpoint({"model": weights, "optimizer": optimizer_state, "step": step, "stage": n, "lora": lora,
@@ -530,7 +531,7 @@ check_options(config, positive=["steps_stage0", "lr_stage0", "epochs_stage1", "l
                             "max_steps", "eval_samples"],
               fractions=["lora_dropout", "warmup_ratio"],
               choices={"stage": ["all", "0", "1", "2"], "projector": ["mlp2x_gelu", "linear"], "model": list(CONFIGS),
-                       "llm_model": list(LLAMA_CONFIGS)})
+                       "llm_model": list(LLAMA_CONFIGS), "reducer": ("",) + REDUCERS})
 if 0 < compress < 1:
     die(f"--compress must be 0 (the tower's) or >= 1, got {compress}")
 if llm and not os.path.isfile(os.path.join(llm, "config.json")):
