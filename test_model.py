@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, even_boundaries, force_last_boundary,
-                   make_config, pack, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
+                   make_config, pack, packed_attention, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
 
 
 def naive_pool(x, boundaries):
@@ -372,20 +372,51 @@ def test_packed_path_equals_each_image_run_alone(grad_checkpointing):
 
 
 def test_packing_plan_matches_a_naive_loop():
-    lengths = [3, 1, 4, 2]
+    lengths = [3, 1, 20, 2, 16, 17]
     plan = packing_plan(torch.tensor(lengths), multiple=8)
-    assert plan.index.tolist() == [b * 8 + j for b, n in enumerate(lengths) for j in range(n)]
-    assert plan.cu_seqlens.tolist() == [0, 3, 4, 8, 10] and plan.cu_seqlens.dtype == torch.int32
-    assert (plan.max_len, plan.padded_len, plan.equal) == (4, 8, False)
-    assert plan.key_mask.shape == (4, 1, 1, 8)
-    assert plan.key_mask[:, 0, 0].tolist() == [[j < n for j in range(8)] for n in lengths]
-    x = torch.randn(4, 8, 5)
+    assert plan.index.tolist() == [b * 24 + j for b, n in enumerate(lengths) for j in range(n)]
+    assert plan.cu_seqlens.tolist() == [0, 3, 4, 24, 26, 42, 59] and plan.cu_seqlens.dtype == torch.int32
+    assert (plan.max_len, plan.equal) == (20, False)
+    assert plan.valid.tolist() == [[j < n for j in range(24)] for n in lengths]
+    # attention layout: lengths rounded up to 16, the images in that order, group after group
+    order = sorted(range(len(lengths)), key=lambda b: -(-lengths[b] // 16))
+    rounded = [-(-lengths[b] // 16) * 16 for b in order]
+    first = {b: sum(rounded[:i]) for i, b in enumerate(order)}
+    assert plan.slots == sum(rounded) == 4 * 16 + 2 * 32
+    assert plan.slot_index.tolist() == [first[b] + j for b, n in enumerate(lengths) for j in range(n)]
+    assert [(n, length) for n, length, _ in plan.groups] == [(4, 16), (2, 32)]
+    masks = [mask[:, 0, 0] for _, _, mask in plan.groups]
+    assert torch.cat([m.flatten() for m in masks]).tolist() == [
+        j < lengths[b] for b, r in zip(order, rounded) for j in range(r)]
+    x = torch.randn(6, 24, 5)
     packed = pack(x, plan)
     torch.testing.assert_close(packed, torch.cat([x[b, :n] for b, n in enumerate(lengths)]))
     back = unpack(packed, plan)
     for b, n in enumerate(lengths):
         assert torch.equal(back[b, :n], x[b, :n]) and (back[b, n:] == 0).all()
     assert packing_plan(torch.tensor([3, 3])).equal
+
+
+@pytest.mark.parametrize("lengths", [[3, 1, 20, 2, 16, 17, 40], [10, 10, 10], [16, 5, 16], [1]])
+def test_packed_attention_equals_attention_written_out_per_image(lengths):
+    """The padded fallback (slots grouped by length rounded up to 16, key masks) against
+    softmax(q k^T / sqrt(d)) v computed image by image, outputs and input gradients."""
+    torch.manual_seed(0)
+    heads, D = 2, 8
+    qkv = torch.randn(sum(lengths), 3 * D, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(lengths), D, dtype=torch.float64)
+    out = packed_attention(qkv, heads, packing_plan(torch.tensor(lengths)))
+    grad, = torch.autograd.grad((out * weight).sum(), qkv)
+    reference, start = [], 0
+    for n in lengths:
+        q, k, v = qkv[start:start + n].view(n, 3, heads, D // heads).unbind(1)   # each n x H x D/H
+        attention = torch.softmax(torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(D // heads), -1)
+        reference.append(torch.einsum("hij,jhd->ihd", attention, v).reshape(n, D))
+        start += n
+    reference = torch.cat(reference)
+    reference_grad, = torch.autograd.grad((reference * weight).sum(), qkv)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad, reference_grad)
 
 
 def test_packed_blocks_compute_only_real_tokens_and_compress_1_stays_padded_free():
