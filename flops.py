@@ -478,8 +478,10 @@ def main():
         for r in result["bench"]:
             m = r["peak_memory_gib"] if r["peak_memory_gib"] is not None else r["saved_activations_gib"]
             of_ceiling = f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else "-"
-            print(f"{r['compress']:>8g} {r['reducer']:>12} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} {(r['speedup'] or 0):>7.2f}x "
-                  f"{of_ceiling:>10} {m:>20.3f} {(r['memory_ratio'] or 0):>6.2f} {r['real_token_fraction']:>11.1%} "
+            speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"  # no compress 1 row to compare with: "-"
+            ratio = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] else "-"
+            print(f"{r['compress']:>8g} {r['reducer']:>12} {r['step_ms']:>8.1f} {r['images_per_s']:>9.1f} {speedup:>8} "
+                  f"{of_ceiling:>10} {m:>20.3f} {ratio:>6} {r['real_token_fraction']:>11.1%} "
                   f"{r['infer_images_per_s']:>18.1f}")
             if "ceiling_step_ms" in r:
                 print(f"{'ceiling':>8} {'':>12} {r['ceiling_step_ms']:>8.1f} {args.batch_size * 1000 / r['ceiling_step_ms']:>9.1f} "
