@@ -34,6 +34,17 @@ def image_transform(image_size, augment=False):
     return T.Compose([resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_files(folder, recursive=False):
+    """Sorted paths of the images (by extension) in `folder`, or under it with recursive=True."""
+    if not recursive:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                  for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def load_image(file):
     """Any mode (RGBA, greyscale, palette) and EXIF orientation -> upright RGB."""
     with Image.open(file) as image:

@@ -44,9 +44,9 @@ with warnings.catch_warnings():  # fvcore applies torch.jit.script at import, wh
     from fvcore.nn.jit_handles import get_shape
 
 from common import ArgumentParser, die, load_clip_checkpoint
-from data import image_transform, load_image
+from data import image_files, image_transform, load_image
 from model import (CLIP, LLAMA_CONFIGS, REDUCERS, CLIPConfig, LlamaConfig, describe_reducer, even_boundaries,
-                   image_tower_macs, llama_config_from_hf, make_config)
+                   expected_segments, image_tower_macs, llama_config_from_hf, make_config)
 from plots import plot_accuracy_vs_gflops
 
 
@@ -105,9 +105,8 @@ def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
                               **({"pre_layers": pre_layers} if pre_layers else {}))
             torch.manual_seed(0)
             clip = CLIP(cfg).eval()
-            N = clip.visual.num_patches
-            segments = max(1, round(N / compress))
-            boundaries = even_boundaries(1, N, segments) if clip.visual.boundary_predictor is not None else None
+            N = cfg.num_patches
+            boundaries = even_boundaries(1, N, expected_segments(cfg)) if clip.visual.boundary_predictor is not None else None
             images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
             image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
             if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
@@ -127,10 +126,6 @@ def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
     return rows
 
 
-def image_files(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
-
-
 def checkpoint_row(ckpt, image_dir, max_images, skipped):
     """fvcore count with the checkpoint's own (eval-rule) boundaries, averaged over real images."""
     clip, checkpoint = load_clip_checkpoint(ckpt)
@@ -138,8 +133,8 @@ def checkpoint_row(ckpt, image_dir, max_images, skipped):
     transform = image_transform(cfg.image_size)
     files = image_files(image_dir)[:max_images]
     macs, rates = [], []
-    for name in files:
-        image = transform(load_image(os.path.join(image_dir, name)))[None]
+    for path in files:
+        image = transform(load_image(path))[None]
         macs.append(fvcore_macs(ImageTower(clip.visual), (image,), skipped))
         with torch.no_grad():
             rates.append(clip.visual(image).boundary_rate.item())
@@ -214,8 +209,7 @@ def llava_rows(model_name, compresses, pre_layers, llm, llm_name, prompt_tokens,
     rows = []
     for compress in compresses:
         cfg = make_config(model_name, compress=compress, **({"pre_layers": pre_layers} if pre_layers else {}))
-        N = (cfg.image_size // cfg.patch_size) ** 2
-        tokens = N if compress == 1 else max(1, round(N / compress))  # the target rate, as in the tower table
+        tokens = cfg.num_patches if compress == 1 else expected_segments(cfg)  # the target rate, as in the tower table
         blocks = range(cfg.layers)[feature_layer] + 1                 # LLaVA stops the tower at its feature layer
         tower = image_tower_macs(replace(cfg, layers=blocks), tokens) - cfg.width * cfg.embed_dim  # no ln_post / proj
         rows.append({"model": model_name, "image_size": cfg.image_size, "compress": compress, "llm": llm_name,
@@ -275,9 +269,8 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
     images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     text = torch.randint(1, cfg.vocab_size, (batch_size, cfg.context_length), device=device)
     labels = torch.arange(batch_size, device=device)
-    N = model.visual.num_patches
     drip = model.visual.boundary_predictor is not None
-    even = even_boundaries(batch_size, N, max(1, round(N / compress)), device) if drip else None
+    even = even_boundaries(batch_size, cfg.num_patches, expected_segments(cfg), device) if drip else None
     saved_bytes = [0]
 
     def count_saved(t):

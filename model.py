@@ -67,6 +67,10 @@ class CLIPConfig:
     text_layers: int = 12
     text_heads: int = 8
 
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
     def __post_init__(self):
         if not self.compress >= 1:
             raise ValueError(f"compress must be a number >= 1 (1 = plain ViT), got {self.compress}")
@@ -107,6 +111,11 @@ def make_config(name, **overrides):
 
 # -----------------------------------------------------------------------------
 # The DRIP pieces, as pure functions
+
+
+def round_up(n, multiple):
+    """n (an int or an integer tensor) rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
 
 
 def sample_boundaries(logits, tau=0.5):
@@ -172,7 +181,7 @@ def pool_segments(x, boundaries, multiple=1, segments=None):
     """
     segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
     num_segments = boundaries.sum(1)                            # B
-    S = segments if segments is not None else -(-int(num_segments.max()) // multiple) * multiple  # host sync: a shape
+    S = segments if segments is not None else round_up(int(num_segments.max()), multiple)  # host sync: a shape
     offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
     member = torch.where(offset == 0, 1 + offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
     weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
@@ -214,7 +223,6 @@ class Packing(NamedTuple):
     valid: torch.Tensor       # B x L bool: the real tokens of the callers' layout
     max_len: int              # longest L_b
     equal: bool               # every image has the same length: attention runs on a plain B x L view
-    slots: int                # rows of the attention layout (sum of the rounded lengths)
     slot_index: torch.Tensor  # T: the slot of each packed row
     groups: tuple             # (images, rounded length, key mask images x 1 x 1 x length) per group
 
@@ -223,10 +231,6 @@ class Packing(NamedTuple):
 # (torch 2.14, 64 images, 4 heads of 32, masked, forward + backward) 16 tokens took 0.68 ms, 11 took
 # 0.81 and 15 took 1.11; 32 took 1.39, 20 took 1.06. GPU kernels like multiples of 8 as well
 ALIGN = 16
-
-
-def round_up(n, multiple):
-    return -(-n // multiple) * multiple
 
 
 def packing_plan(lengths, multiple=1):
@@ -253,7 +257,7 @@ def packing_plan(lengths, multiple=1):
         groups.append((n, length, key_mask[:, None, None, :]))
         done += n
     return Packing(image * L + position, cu_seqlens.to(torch.int32), valid, max_len, min(host) == max_len,
-                   sum(n * length for n, length, _ in groups), start[image] + position, tuple(groups))
+                   start[image] + position, tuple(groups))
 
 
 def pack(x, packing):
@@ -273,12 +277,19 @@ def use_varlen(x):
             and os.environ.get("DRIP_VARLEN", "1") != "0")
 
 
+def split_heads(qkv, heads):
+    """B x L x 3D projected queries, keys and values -> q, k, v, each B x H x L x D/H (views).
+
+    Unbound before transposing: in backward the three gradients are stacked straight into
+    qkv's layout (permuting first would stack them and then copy)."""
+    B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    return tuple(t.transpose(1, 2) for t in qkv.view(B, L, 3, heads, D // heads).unbind(2))
+
+
 def multi_head_attention(qkv, heads, attn_mask=None, is_causal=False):
     """B x L x 3D projected queries, keys and values -> B x L x D attention output."""
     B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    # unbind before transposing: in backward the three gradients are stacked straight into qkv's layout
-    q, k, v = (t.transpose(1, 2) for t in qkv.view(B, L, 3, heads, D // heads).unbind(2))  # each B x H x L x D/H
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    y = F.scaled_dot_product_attention(*split_heads(qkv, heads), attn_mask=attn_mask, is_causal=is_causal)
     return y.transpose(1, 2).reshape(B, L, D)
 
 
@@ -293,8 +304,9 @@ def packed_attention(qkv, heads, packing):
         return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
     # elsewhere: scatter into the slots (zero padding), each group a padded batch with its key mask,
     # and read the real rows back. In-place index_copy_ on fresh zeros: its backward is one gather
-    slots = qkv.new_zeros(packing.slots, 3 * D).index_copy_(0, packing.slot_index, qkv)
-    groups = slots.split([n * length for n, length, _ in packing.groups]) if len(packing.groups) > 1 else [slots]
+    sizes = [n * length for n, length, _ in packing.groups]
+    slots = qkv.new_zeros(sum(sizes), 3 * D).index_copy_(0, packing.slot_index, qkv)
+    groups = slots.split(sizes) if len(sizes) > 1 else [slots]  # one group: no split, whose backward would copy
     out = [multi_head_attention(group.view(n, length, 3 * D), heads, mask).view(-1, D)
            for group, (n, length, mask) in zip(groups, packing.groups)]
     return (out[0] if len(out) == 1 else torch.cat(out)).index_select(0, packing.slot_index)
@@ -432,8 +444,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
-        grid = cfg.image_size // cfg.patch_size
-        self.num_patches = grid * grid
+        self.num_patches = cfg.num_patches
         self.conv1 = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.positional_embedding = nn.Parameter(torch.zeros(self.num_patches + 1, cfg.width))
@@ -528,12 +539,12 @@ class VisionTransformer(nn.Module):
 
 def expected_segments(cfg: CLIPConfig):
     """S = round(N / compress): DRIP's expected token count, the fixed one of uniform, tokenlearner and group."""
-    return max(1, round((cfg.image_size // cfg.patch_size) ** 2 / cfg.compress))
+    return max(1, round(cfg.num_patches / cfg.compress))
 
 
 def describe_reducer(cfg: CLIPConfig):
     """One line on how the tower is shortened, with ToMe's and DynamicViT's solved settings."""
-    N, S = (cfg.image_size // cfg.patch_size) ** 2, expected_segments(cfg)
+    N, S = cfg.num_patches, expected_segments(cfg)
     if cfg.compress == 1:
         return f"plain ViT, {N} patch tokens"
     if cfg.reducer == "tome":
@@ -573,7 +584,7 @@ def attention_with_keys(attn: Attention, x, bias=None, key_weight=None):
     """
     B, L, D = x.shape
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)            # B x L x 3D
-    q, k, v = qkv.view(B, L, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)  # each B x H x L x D/H
+    q, k, v = split_heads(qkv, attn.heads)                              # each B x H x L x D/H
     if key_weight is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     else:  # sum_j a_ij w_j v_j / sum_j a_ij w_j, with a = softmax(q k^T)
@@ -659,7 +670,7 @@ def tome_block(block: ResidualAttentionBlock, x, size, r):
 
 def tome_plan(cfg: CLIPConfig, start, r):
     """Tokens seen by each block's attention and MLP, and the matching's MACs, with ToMe from block `start`."""
-    L, d = 1 + (cfg.image_size // cfg.patch_size) ** 2, cfg.width // cfg.heads
+    L, d = 1 + cfg.num_patches, cfg.width // cfg.heads
     attention, mlp, extra = [], [], 0
     for i in range(cfg.layers):
         attention.append(L)
@@ -675,7 +686,7 @@ def tome_schedule(cfg: CLIPConfig):
     """(start, r) at DRIP's MACs: the latest first block <= pre_layers from which some r gets within
     5 %, and the r closest to the budget (at 4x a 4-layer tower must begin merging before DRIP pools)."""
     target = image_tower_macs(replace(cfg, reducer="drip"))
-    N = (cfg.image_size // cfg.patch_size) ** 2
+    N = cfg.num_patches
     for start in range(cfg.pre_layers, -1, -1):
         error, r = min((abs(tower_macs(cfg, *tome_plan(cfg, start, r)) - target), r) for r in range(N // 2 + 1))
         if error <= 0.05 * target:
@@ -731,13 +742,13 @@ def dynamicvit_stages(cfg: CLIPConfig):
 
 def dynamicvit_kept(cfg: CLIPConfig, keep_rate):
     """Patch tokens kept after each stage: round(rho^j N), at least 1."""
-    N = (cfg.image_size // cfg.patch_size) ** 2
+    N = cfg.num_patches
     return [max(1, round(keep_rate ** (j + 1) * N)) for j in range(len(dynamicvit_stages(cfg)))]
 
 
 def dynamicvit_plan(cfg: CLIPConfig, keep_rate):
     """Tokens per block (attention = MLP) and the prediction modules' MACs, at eval."""
-    D, n = cfg.width, (cfg.image_size // cfg.patch_size) ** 2
+    D, n = cfg.width, cfg.num_patches
     stages, kept = dynamicvit_stages(cfg), dynamicvit_kept(cfg, keep_rate)
     tokens, extra = [], 0
     for i in range(cfg.layers):
@@ -967,7 +978,7 @@ def tower_macs(cfg: CLIPConfig, attention_tokens, mlp_tokens, extra=0):
     """Multiply-accumulates of one image: patch embedding, each block's attention on
     attention_tokens[i] tokens (L*4*D*D projections + 2*L*L*D) and MLP on mlp_tokens[i]
     (L*2*D*mlp_dim), the final projection, and `extra` (what a reducer adds)."""
-    N, D = (cfg.image_size // cfg.patch_size) ** 2, cfg.width
+    N, D = cfg.num_patches, cfg.width
     macs = N * 3 * cfg.patch_size ** 2 * D + D * cfg.embed_dim + extra
     for La, Lm in zip(attention_tokens, mlp_tokens):
         macs += La * 4 * D * D + 2 * La * La * D + Lm * 2 * D * cfg.mlp_dim
@@ -981,7 +992,7 @@ def image_tower_macs(cfg: CLIPConfig, segments=None):
     after pooling see 1 + `segments` tokens; the default is DynamicViT's convention, the
     expected count round(N / compress). The other reducers are counted as they run in eval.
     """
-    N, D = (cfg.image_size // cfg.patch_size) ** 2, cfg.width
+    N, D = cfg.num_patches, cfg.width
     S = expected_segments(cfg) if segments is None else segments
     if cfg.compress == 1:
         return tower_macs(cfg, [1 + N] * cfg.layers, [1 + N] * cfg.layers)

@@ -382,7 +382,7 @@ def test_packing_plan_matches_a_naive_loop():
     order = sorted(range(len(lengths)), key=lambda b: -(-lengths[b] // 16))
     rounded = [-(-lengths[b] // 16) * 16 for b in order]
     first = {b: sum(rounded[:i]) for i, b in enumerate(order)}
-    assert plan.slots == sum(rounded) == 4 * 16 + 2 * 32
+    assert sum(n * length for n, length, _ in plan.groups) == sum(rounded) == 4 * 16 + 2 * 32
     assert plan.slot_index.tolist() == [first[b] + j for b, n in enumerate(lengths) for j in range(n)]
     assert [(n, length) for n, length, _ in plan.groups] == [(4, 16), (2, 32)]
     masks = [mask[:, 0, 0] for _, _, mask in plan.groups]

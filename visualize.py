@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from common import ArgumentParser, check_writable, die, load_clip_checkpoint
-from data import CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
+from data import CLASSES, VAL_SEED_OFFSET, image_files, image_transform, load_image, make_shape_image
 from plots import plot_segment_histogram
 
 CELL = 48  # pixels per patch in the drawing
@@ -123,18 +123,10 @@ def render_file(path, models, out_dir, sample, seed):
     return target
 
 
-def image_files(folder):
-    found = []
-    for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files
-                  if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")) and not f.endswith("_drip.png")]
-    return sorted(found)
-
-
 def stats(folder, model, checkpoint, out_dir):
     """Histogram of segments per image over a folder (recursively), as numbers and as
     out_dir/segments_histogram.png."""
-    files = image_files(folder)
+    files = [f for f in image_files(folder, recursive=True) if not f.endswith("_drip.png")]  # not our drawings
     if not files:
         die(f"no images in {folder}")
     counts = []
