@@ -34,15 +34,16 @@ def image_transform(image_size, augment=False):
     return T.Compose([resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image files, and the image keys of webdataset samples
 
 
 def image_files(folder, recursive=False):
     """Sorted paths of the images (by extension) in `folder`, or under it with recursive=True."""
+    suffixes = tuple("." + e for e in IMAGE_EXTENSIONS)
     if not recursive:
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(suffixes))
     return sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
-                  for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+                  for f in files if f.lower().endswith(suffixes))
 
 
 def load_image(file):
@@ -63,8 +64,6 @@ def image_folder(path, transform, flag):
 
 # -----------------------------------------------------------------------------
 # Webdataset shards: key.jpg (or .jpeg/.png/.webp) with key.txt (caption) and/or key.cls (label)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(pattern, flag):
