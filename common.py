@@ -152,6 +152,16 @@ def check_writable(path, flag):
         die(f"{flag} {path}: cannot write under {parent}" + ("" if os.path.isdir(parent) else " (a file)"))
 
 
+def reducer_tag(reducer):
+    """The reducer's part of a default run folder name: nothing for DRIP (or none given), else _<reducer>."""
+    return "" if reducer in ("", "drip") else "_" + reducer
+
+
+def clip_run_dir(model, compress, reducer):
+    """train_clip.py's default --out_dir, where train_llava.py looks for its tower by default."""
+    return f"out/clip_{model}{reducer_tag(reducer)}_c{compress:g}"
+
+
 def check_file(path, flag, what="file"):
     if path and not os.path.isfile(path):
         die(f"{flag}: no {what} at {path}")

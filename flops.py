@@ -96,29 +96,33 @@ def text_tower_macs(cfg: CLIPConfig):
     return cfg.text_layers * (12 * L * W * W + 2 * L * L * W) + W * cfg.embed_dim
 
 
+def settings(compresses, reducers):
+    """(compress, reducer) pairs: every reducer at each compress > 1; compress 1, the plain ViT, once."""
+    return [(c, r) for c in compresses for r in (reducers[:1] if c == 1 else reducers)]
+
+
 def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
     """One row per (compress, reducer); compress 1 is the plain ViT, one row whatever the reducer."""
     rows = []
-    for compress in compresses:
-        for reducer in reducers[:1] if compress == 1 else reducers:
-            cfg = make_config(model_name, compress=compress, reducer=reducer,
-                              **({"pre_layers": pre_layers} if pre_layers else {}))
-            torch.manual_seed(0)
-            clip = CLIP(cfg).eval()
-            N = cfg.num_patches
-            boundaries = even_boundaries(1, N, expected_segments(cfg)) if clip.visual.boundary_predictor is not None else None
-            images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
-            image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
-            if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
-                image += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, N, cfg.width),), skipped)
-            with torch.no_grad():
-                tokens = int(clip.visual(images, boundaries=boundaries).valid.sum())
-            text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
-            rows.append({"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none",
-                         "setting": describe_reducer(cfg), "tokens_last_block": tokens,
-                         "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg) / 1e9,
-                         "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
-                         "pair_gflops": (image + text) / 1e9})
+    for compress, reducer in settings(compresses, reducers):
+        cfg = make_config(model_name, compress=compress, reducer=reducer,
+                          **({"pre_layers": pre_layers} if pre_layers else {}))
+        torch.manual_seed(0)
+        clip = CLIP(cfg).eval()
+        N = cfg.num_patches
+        boundaries = even_boundaries(1, N, expected_segments(cfg)) if clip.visual.boundary_predictor is not None else None
+        images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+        image = fvcore_macs(ImageTower(clip.visual, boundaries), (images,), skipped)
+        if boundaries is not None:  # the trace drops the predictor when its logits go unused: count it alone
+            image += fvcore_macs(clip.visual.boundary_predictor, (torch.randn(1, N, cfg.width),), skipped)
+        with torch.no_grad():
+            tokens = int(clip.visual(images, boundaries=boundaries).valid.sum())
+        text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
+        rows.append({"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none",
+                     "setting": describe_reducer(cfg), "tokens_last_block": tokens,
+                     "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg) / 1e9,
+                     "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
+                     "pair_gflops": (image + text) / 1e9})
     base = rows[0] if rows[0]["compress"] == 1 else None
     for row in rows:
         row["image_ratio"] = row["image_gflops_fvcore"] / base["image_gflops_fvcore"] if base else None
@@ -334,7 +338,7 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
 def bench_rows(args, device):
     rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
                       args.steps, args.warmup, reducer)
-            for c in args.compress for reducer in (args.reducer[:1] if c == 1 else args.reducer)]
+            for c, reducer in settings(args.compress, args.reducer)]
     base = rows[0] if rows[0]["compress"] == 1 else None
     memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
     for row in rows:

@@ -370,14 +370,19 @@ class Transformer(nn.Module):
 
     def run_block(self, i, x, attn_mask=None, is_causal=False, packing=None):
         block = self.resblocks[i]
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, attn_mask, is_causal, packing, use_reentrant=False)
-        return block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
+        return run_checkpointed(self, block, x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         for i in range(len(self.resblocks)):
             x = self.run_block(i, x, attn_mask, is_causal)
         return x
+
+
+def run_checkpointed(transformer, fn, *args, **kwargs):
+    """fn(*args, **kwargs), checkpointed when the transformer uses activation checkpointing (blocks, reducers' steps)."""
+    if transformer.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def init_weights(module):
@@ -564,13 +569,6 @@ def make_reducer(cfg: CLIPConfig):
         return None
     return {"uniform": UniformPooling, "tome": ToMe, "dynamicvit": DynamicViT,
             "tokenlearner": TokenLearner, "group": TokenGrouping}[cfg.reducer](cfg)
-
-
-def run_checkpointed(transformer, fn, *args):
-    """fn(*args), under activation checkpointing when the tower uses it (as Transformer.run_block does)."""
-    if transformer.grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 def attention_with_keys(attn: Attention, x, bias=None, key_weight=None):
@@ -973,6 +971,7 @@ def resize_positional_embedding(pos, num_patches):
     grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)                    # 1 x D x g x g
     grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)])
+
 
 def tower_macs(cfg: CLIPConfig, attention_tokens, mlp_tokens, extra=0):
     """Multiply-accumulates of one image: patch embedding, each block's attention on

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides,
+                    check_writable, classification_accuracy, clip_run_dir, cosine_lr, die, load_weights_file, parse_overrides,
                     peak_memory_gb, read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
@@ -163,7 +163,7 @@ try:
     model_config = make_config(model, **overrides)
 except ValueError as e:
     die(f"{e}; check --compress/--pre_layers")
-out_dir = out_dir or f"out/clip_{model}{'' if reducer == 'drip' else '_' + reducer}_c{model_config.compress:g}"
+out_dir = out_dir or clip_run_dir(model, model_config.compress, reducer)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")
 if eval_only and not init_from and not resume:

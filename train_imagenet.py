@@ -36,7 +36,7 @@ from torchvision.datasets import ImageFolder
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_writable,
                     classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides, peak_memory_gb,
-                    read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+                    read_resume_checkpoint, reducer_tag, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from model import CLIP, CONFIGS, REDUCERS, CLIPConfig, decay_groups, describe_reducer, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
@@ -186,7 +186,7 @@ else:
     except ValueError as e:
         die(f"{e}; check --compress")
 config |= {"model": model, "compress": model_config.compress, "reducer": model_config.reducer}
-tag = "" if model_config.reducer == "drip" or model_config.compress == 1 else "_" + model_config.reducer
+tag = "" if model_config.compress == 1 else reducer_tag(model_config.reducer)
 out_dir = config["out_dir"] = out_dir or f"out/imagenet_{model}{tag}_c{model_config.compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")

@@ -52,8 +52,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_writable, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb, save_checkpoint,
-                    set_rng_state, setup_distributed)
+                    check_writable, clip_run_dir, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb,
+                    reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
 from model import CONFIGS, IGNORE, LLAMA_CONFIGS, REDUCERS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
@@ -570,18 +570,17 @@ if fsdp:
 lr_stage2 = lr_stage2 or (1e-3 if not llm else 2e-4 if lora else 2e-5)
 
 # the frozen image tower, and the names that follow from the configuration it actually has
-tag = "" if reducer in ("", "drip") else "_" + reducer
-init_from = init_from or f"out/clip_tiny{tag}_c{compress or 1:g}/ckpt.pt"
+init_from = init_from or os.path.join(clip_run_dir("tiny", compress or 1, reducer), "ckpt.pt")
 if not os.path.isfile(init_from):
     die(f"no CLIP image tower at {init_from}; run `python train_clip.py --compress {compress or 1:g}"
-        f"{' --reducer ' + reducer if tag else ''}` first, or give --init_from")
+        f"{' --reducer ' + reducer if reducer_tag(reducer) else ''}` first, or give --init_from")
 visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick_gelu, reducer or "drip")
 if compress and compress != tower_config.compress:
     die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
 if reducer and reducer != tower_config.reducer:
     die(f"--reducer {reducer} contradicts {init_from}, a {tower_config.reducer} tower; drop --reducer or give another --init_from")
 config["compress"], config["reducer"] = compress, reducer = tower_config.compress, tower_config.reducer
-tag = "" if reducer == "drip" or compress == 1 else "_" + reducer
+tag = "" if compress == 1 else reducer_tag(reducer)
 out_dir = config["out_dir"] = out_dir or f"out/llava{tag}_c{compress:g}"
 check_writable(out_dir, "--out_dir")
 if not -tower_config.layers <= feature_layer < tower_config.layers:
