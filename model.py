@@ -21,7 +21,6 @@ valid segment tokens through a projector into the language model.
     image_features, text_features, logit_scale, vision = model(images, text)
     loss = contrastive_loss(...) + vision.aux_loss   # vision.boundary_rate ~ 0.25
 """
-import itertools
 import math
 import os
 from collections import OrderedDict
@@ -215,22 +214,42 @@ class Packing(NamedTuple):
     T x D tensor (T = sum L_b, image after image), so LayerNorms, projections and MLPs
     compute nothing for padding. Only attention needs the images apart: it runs on the
     packed rows with cumulative lengths (flash attention's varlen kernel) or, where that
-    kernel is missing, in a padded layout of "slots": the images grouped by their length
-    rounded up to ALIGN, each group a batch of that length with a key mask.
+    kernel is missing, in "bins": fixed-size padded sequences that each hold one or more
+    whole images, with a mask that lets every row attend only to rows of its own image.
     """
     index: torch.Tensor       # T: row of each packed token in the callers' B x L padded layout
     cu_seqlens: torch.Tensor  # B+1 int32: image b owns packed rows cu_seqlens[b] .. cu_seqlens[b+1]-1
     valid: torch.Tensor       # B x L bool: the real tokens of the callers' layout
     max_len: int              # longest L_b
     equal: bool               # every image has the same length: attention runs on a plain B x L view
-    slot_index: torch.Tensor  # T: the slot of each packed row
-    groups: tuple             # (images, rounded length, key mask images x 1 x 1 x length) per group
+    bin_index: Optional[torch.Tensor]  # T: row of each packed token in the flattened bins (None when equal)
+    bin_mask: Optional[torch.Tensor]   # bins x 1 x C x C bool: query and key row are of the same image
 
 
-# CPU flash attention runs fastest on lengths that are multiples of 16: on the project's 2-core CPU
-# (torch 2.14, 64 images, 4 heads of 32, masked, forward + backward) 16 tokens took 0.68 ms, 11 took
-# 0.81 and 15 took 1.11; 32 took 1.39, 20 took 1.06. GPU kernels like multiples of 8 as well
-ALIGN = 16
+# Bins are at least 32 rows: below 192 query rows PyTorch's CPU flash attention works through each
+# sequence in blocks of 32 query rows, so a 10-token image alone leaves two thirds of its block
+# idle. Three such images share one bin. On the project's 2-core CPU (torch 2.14, 64 images of
+# 2 + Binomial(35, 8/35) tokens, 4 heads of 32, forward + backward with the scatter and gather)
+# bins took 0.71-0.81 ms, one 16-row slot per image 0.91-1.02 ms. Longer images get bins of their
+# length rounded up to 16 (one image each, the masked padded batch), which keeps the shapes few
+BIN_ROWS, ALIGN = 32, 16
+
+
+def first_fit(lengths, capacity):
+    """First-fit decreasing bin packing: the first row of each length in bins of `capacity` rows, and the bin count."""
+    start, free = [0] * len(lengths), []
+    open_bins, smallest = [], min(lengths)     # bins with room for at least the shortest length
+    for b in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):
+        i = next((i for i in open_bins if free[i] >= lengths[b]), None)
+        if i is None:
+            i = len(free)
+            free.append(capacity)
+            open_bins.append(i)
+        start[b] = (i + 1) * capacity - free[i]
+        free[i] -= lengths[b]
+        if free[i] < smallest:
+            open_bins.remove(i)
+    return start, len(free)
 
 
 def packing_plan(lengths, multiple=1):
@@ -245,19 +264,14 @@ def packing_plan(lengths, multiple=1):
     image = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=T)  # T
     position = torch.arange(T, device=device) - cu_seqlens[image]                # T: place within its image
     valid = torch.arange(L, device=device) < lengths.unsqueeze(1)                # B x L
-    # attention layout: the images sorted by rounded length, so that each group is one block of slots
-    rounded = round_up(lengths, ALIGN)                                           # B
-    order = rounded.argsort(stable=True)
-    first = rounded[order].cumsum(0) - rounded[order]                            # first slot of each, in that order
-    start = torch.empty_like(first).index_copy_(0, order, first)                 # B: first slot of image b
-    groups, done = [], 0
-    for length, run in itertools.groupby(sorted(round_up(n, ALIGN) for n in host)):
-        n = len(list(run))
-        key_mask = torch.arange(length, device=device) < lengths[order[done:done + n]].unsqueeze(1)  # n x length
-        groups.append((n, length, key_mask[:, None, None, :]))
-        done += n
-    return Packing(image * L + position, cu_seqlens.to(torch.int32), valid, max_len, min(host) == max_len,
-                   start[image] + position, tuple(groups))
+    equal, bin_index, bin_mask = min(host) == max_len, None, None
+    if not equal:  # attention layout for the padded fallback
+        capacity = max(BIN_ROWS, round_up(max_len, ALIGN))
+        start, bins = first_fit(host, capacity)
+        bin_index = torch.tensor(start, device=device)[image] + position         # T
+        owner = torch.full((bins * capacity,), -1, device=device).index_copy_(0, bin_index, image).view(bins, capacity)
+        bin_mask = owner[:, None, :, None] == owner[:, None, None, :]  # padding rows (-1) see only padding: no empty row
+    return Packing(image * L + position, cu_seqlens.to(torch.int32), valid, max_len, equal, bin_index, bin_mask)
 
 
 def pack(x, packing):
@@ -302,14 +316,12 @@ def packed_attention(qkv, heads, packing):
         q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)                  # each T x H x D/H
         cu, m = packing.cu_seqlens, packing.max_len
         return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
-    # elsewhere: scatter into the slots (zero padding), each group a padded batch with its key mask,
-    # and read the real rows back. In-place index_copy_ on fresh zeros: its backward is one gather
-    sizes = [n * length for n, length, _ in packing.groups]
-    slots = qkv.new_zeros(sum(sizes), 3 * D).index_copy_(0, packing.slot_index, qkv)
-    groups = slots.split(sizes) if len(sizes) > 1 else [slots]  # one group: no split, whose backward would copy
-    out = [multi_head_attention(group.view(n, length, 3 * D), heads, mask).view(-1, D)
-           for group, (n, length, mask) in zip(groups, packing.groups)]
-    return (out[0] if len(out) == 1 else torch.cat(out)).index_select(0, packing.slot_index)
+    # elsewhere: scatter into the bins (zero padding), one masked attention call, and read the real rows
+    # back. In-place index_copy_ on fresh zeros: its backward is one gather
+    bins, capacity = packing.bin_mask.shape[0], packing.bin_mask.shape[-1]
+    packed_bins = qkv.new_zeros(bins * capacity, 3 * D).index_copy_(0, packing.bin_index, qkv)
+    out = multi_head_attention(packed_bins.view(bins, capacity, 3 * D), heads, packing.bin_mask)
+    return out.view(-1, D).index_select(0, packing.bin_index)
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, even_boundaries, force_last_boundary,
-                   make_config, pack, packed_attention, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
+                   first_fit, make_config, pack, packed_attention, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
 
 
 def naive_pool(x, boundaries):
@@ -378,16 +378,16 @@ def test_packing_plan_matches_a_naive_loop():
     assert plan.cu_seqlens.tolist() == [0, 3, 4, 24, 26, 42, 59] and plan.cu_seqlens.dtype == torch.int32
     assert (plan.max_len, plan.equal) == (20, False)
     assert plan.valid.tolist() == [[j < n for j in range(24)] for n in lengths]
-    # attention layout: lengths rounded up to 16, the images in that order, group after group
-    order = sorted(range(len(lengths)), key=lambda b: -(-lengths[b] // 16))
-    rounded = [-(-lengths[b] // 16) * 16 for b in order]
-    first = {b: sum(rounded[:i]) for i, b in enumerate(order)}
-    assert sum(n * length for n, length, _ in plan.groups) == sum(rounded) == 4 * 16 + 2 * 32
-    assert plan.slot_index.tolist() == [first[b] + j for b, n in enumerate(lengths) for j in range(n)]
-    assert [(n, length) for n, length, _ in plan.groups] == [(4, 16), (2, 32)]
-    masks = [mask[:, 0, 0] for _, _, mask in plan.groups]
-    assert torch.cat([m.flatten() for m in masks]).tolist() == [
-        j < lengths[b] for b, r in zip(order, rounded) for j in range(r)]
+    # attention layout: first-fit decreasing into bins of max(32, 20 rounded up to 16) = 32 rows, by hand:
+    # 20 opens bin 0, 17 bin 1, 16 bin 2; then 3, 2 and 1 fill bin 0 after the 20
+    C, start = 32, {2: 0, 0: 20, 3: 23, 1: 25, 5: 32, 4: 64}
+    assert plan.bin_mask.shape == (3, 1, C, C)
+    assert plan.bin_index.tolist() == [start[b] + j for b, n in enumerate(lengths) for j in range(n)]
+    owner = [-1] * (3 * C)
+    for b, n in enumerate(lengths):
+        owner[start[b]:start[b] + n] = [b] * n
+    assert plan.bin_mask[:, 0].flatten(1).tolist() == [
+        [owner[i * C + q] == owner[i * C + k] for q in range(C) for k in range(C)] for i in range(3)]
     x = torch.randn(6, 24, 5)
     packed = pack(x, plan)
     torch.testing.assert_close(packed, torch.cat([x[b, :n] for b, n in enumerate(lengths)]))
@@ -397,9 +397,28 @@ def test_packing_plan_matches_a_naive_loop():
     assert packing_plan(torch.tensor([3, 3])).equal
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_first_fit_puts_each_image_whole_into_one_bin_without_overlap(seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (int(torch.randint(1, 60, (1,), generator=generator)),), generator=generator).tolist()
+    capacity = max(32, -(-max(lengths) // 16) * 16)
+    start, bins = first_fit(lengths, capacity)
+    rows = sorted((s, s + n) for s, n in zip(start, lengths))
+    assert all(s // capacity == (e - 1) // capacity < bins for s, e in rows)     # whole, inside a bin
+    assert all(e <= s for (_, e), (s, _) in zip(rows, rows[1:]))                 # no two images overlap
+    assert bins * capacity < sum(lengths) * 2 + capacity                         # first fit: bins over half full
+    # largest first, each into the first bin with room: no earlier bin had room for it at that point
+    used = []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        i = start[b] // capacity
+        assert i <= len(used) and all(u + lengths[b] > capacity for u in used[:i])
+        used += [0] * (i == len(used))
+        used[i] += lengths[b]
+
+
 @pytest.mark.parametrize("lengths", [[3, 1, 20, 2, 16, 17, 40], [10, 10, 10], [16, 5, 16], [1]])
 def test_packed_attention_equals_attention_written_out_per_image(lengths):
-    """The padded fallback (slots grouped by length rounded up to 16, key masks) against
+    """The padded fallback (images packed into shared bins, a same-image mask) against
     softmax(q k^T / sqrt(d)) v computed image by image, outputs and input gradients."""
     torch.manual_seed(0)
     heads, D = 2, 8
