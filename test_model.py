@@ -383,6 +383,8 @@ def test_packing_plan_matches_a_naive_loop():
     C, start = 32, {2: 0, 0: 20, 3: 23, 1: 25, 5: 32, 4: 64}
     assert plan.bin_mask.shape == (3, 1, C, C)
     assert plan.bin_index.tolist() == [start[b] + j for b, n in enumerate(lengths) for j in range(n)]
+    packed_row = {start[b] + j: r for r, (b, j) in enumerate((b, j) for b, n in enumerate(lengths) for j in range(n))}
+    assert plan.bin_source.tolist() == [packed_row.get(i, 0) for i in range(3 * C)]   # padding rows read row 0
     owner = [-1] * (3 * C)
     for b, n in enumerate(lengths):
         owner[start[b]:start[b] + n] = [b] * n
