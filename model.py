@@ -231,8 +231,8 @@ class Packing(NamedTuple):
 # sequence in blocks of 32 query rows, so a 10-token image alone leaves two thirds of its block
 # idle. Three such images share one bin. On the project's 2-core CPU (torch 2.14, 64 images of
 # 2 + Binomial(35, 8/35) tokens, 4 heads of 32, forward + backward with the scatter and gather)
-# bins took 0.71-0.81 ms, one 16-row slot per image 0.91-1.02 ms. Longer images get bins of their
-# length rounded up to 16 (one image each, the masked padded batch), which keeps the shapes few
+# bins took 0.71-0.81 ms, one 16-row slot per image 0.91-1.02 ms. When the longest image is over 32
+# rows, every bin is its length rounded up to 16 (shorter images still share), which keeps shapes few
 BIN_ROWS, ALIGN = 32, 16
 
 
@@ -328,13 +328,14 @@ def packed_attention(qkv, heads, packing):
 
 
 class MoveRows(torch.autograd.Function):
-    """x[index] whose gradient is read back with x's rows at `back` (a gather), instead of scattered.
+    """x[index], whose backward gathers the gradient at `back` instead of scattering it.
 
     Between the packed rows and the bins each real row appears once on either side, at
     `index` one way and `back` the other. Bin padding rows copy packed row 0 and get
-    whatever gradient: the mask keeps them out of every real row's attention, so nothing
-    they hold or receive reaches a real row, and the move back drops them. Exact for the
-    real rows (tested), and one gather each way where zero-filling and scattering took three ops.
+    whatever gradient: the same-image mask keeps them out of every real row's attention,
+    so nothing they hold or receive reaches a real row, and the move back drops them.
+    Exact for the real rows (tested); one gather each way, forward and backward, where
+    zero-filling, scattering and scatter-adding took more ops.
     """
 
     @staticmethod
