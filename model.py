@@ -253,10 +253,11 @@ def first_fit(lengths, capacity):
     return start, len(free)
 
 
-def packing_plan(lengths, multiple=1):
+def packing_plan(lengths, multiple=1, bins=True):
     """lengths: B LongTensor of real tokens per image -> Packing. The one host sync after pooling.
 
-    The callers' layout is padded to the longest image rounded up to `multiple`.
+    The callers' layout is padded to the longest image rounded up to `multiple`. bins=False
+    skips the fallback's attention layout (and its Python loop) where varlen attention runs.
     """
     host = lengths.tolist()
     B, T, max_len, device = len(host), sum(host), max(host), lengths.device
@@ -266,13 +267,13 @@ def packing_plan(lengths, multiple=1):
     position = torch.arange(T, device=device) - cu_seqlens[image]                # T: place within its image
     valid = torch.arange(L, device=device) < lengths.unsqueeze(1)                # B x L
     equal, bin_index, bin_source, bin_mask = min(host) == max_len, None, None, None
-    if not equal:  # attention layout for the padded fallback
+    if bins and not equal:  # attention layout for the padded fallback
         capacity = max(BIN_ROWS, round_up(max_len, ALIGN))
-        start, bins = first_fit(host, capacity)
+        start, count = first_fit(host, capacity)
         bin_index = torch.tensor(start, device=device)[image] + position         # T
-        bin_source = torch.zeros(bins * capacity, dtype=torch.long, device=device).index_copy_(
+        bin_source = torch.zeros(count * capacity, dtype=torch.long, device=device).index_copy_(
             0, bin_index, torch.arange(T, device=device))                        # bins*C
-        owner = torch.full((bins * capacity,), -1, device=device).index_copy_(0, bin_index, image).view(bins, capacity)
+        owner = torch.full((count * capacity,), -1, device=device).index_copy_(0, bin_index, image).view(count, capacity)
         bin_mask = owner[:, None, :, None] == owner[:, None, None, :]  # padding rows (-1) see only padding: no empty row
     return Packing(image * L + position, cu_seqlens.to(torch.int32), valid, max_len, equal,
                    bin_index, bin_source, bin_mask)
@@ -290,9 +291,14 @@ def unpack(x, packing):
 
 
 def use_varlen(x):
-    """Flash attention on packed sequences: CUDA, half precision, torch >= 2.10; DRIP_VARLEN=0 turns it off."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None
-            and os.environ.get("DRIP_VARLEN", "1") != "0")
+    """Flash attention on packed sequences: CUDA, half precision, torch >= 2.10; DRIP_VARLEN=0 turns it off.
+
+    Half precision is x's dtype or, under CUDA autocast, autocast's: the float32 residual
+    stream gives the same answer as the q/k/v projected from it."""
+    if not (x.is_cuda and varlen_attn is not None and os.environ.get("DRIP_VARLEN", "1") != "0"):
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def split_heads(qkv, heads):
@@ -518,7 +524,8 @@ class VisionTransformer(nn.Module):
         elif boundaries is None:
             boundaries = eval_boundaries(logits)
         # on GPU the callers' padded layout is rounded up to a multiple of 8: fewer distinct shapes
-        packing = packing_plan(1 + boundaries.detach().sum(1).long(), multiple=8 if x.is_cuda else 1)
+        packing = packing_plan(1 + boundaries.detach().sum(1).long(), multiple=8 if x.is_cuda else 1,
+                               bins=not use_varlen(x))
         pooled, _ = pool_segments(x[:, 1:], boundaries, segments=packing.valid.shape[1] - 1)  # B x S x D
         x = pack(torch.cat([x[:, :1], pooled], 1), packing)    # T x D
         return x, packing, boundaries, boundary_loss(boundaries, 1 / self.cfg.compress)
