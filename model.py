@@ -317,22 +317,6 @@ def multi_head_attention(qkv, heads, attn_mask=None, is_causal=False):
     return y.transpose(1, 2).reshape(B, L, D)
 
 
-def packed_attention(qkv, heads, packing):
-    """T x 3D packed queries, keys and values -> T x D, each image attending only to itself."""
-    T, D = qkv.shape[0], qkv.shape[1] // 3
-    if packing.equal:  # nothing to pad: a plain B x L batch
-        return multi_head_attention(qkv.view(len(packing.cu_seqlens) - 1, -1, 3 * D), heads).view(T, D)
-    if use_varlen(qkv):
-        q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)                  # each T x H x D/H
-        cu, m = packing.cu_seqlens, packing.max_len
-        return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
-    # elsewhere: move the rows into the bins, one masked attention call, and move the real rows back
-    bins, capacity = packing.bin_mask.shape[0], packing.bin_mask.shape[-1]
-    in_bins = MoveRows.apply(qkv, packing.bin_source, packing.bin_index)               # bins*C x 3D
-    out = multi_head_attention(in_bins.view(bins, capacity, 3 * D), heads, packing.bin_mask)
-    return MoveRows.apply(out.view(-1, D), packing.bin_index, packing.bin_source)      # T x D
-
-
 class MoveRows(torch.autograd.Function):
     """x[index], whose backward gathers the gradient at `back` instead of scattering it.
 
@@ -353,6 +337,22 @@ class MoveRows(torch.autograd.Function):
     def backward(ctx, grad):
         back, = ctx.saved_tensors
         return grad.index_select(0, back), None, None
+
+
+def packed_attention(qkv, heads, packing):
+    """T x 3D packed queries, keys and values -> T x D, each image attending only to itself."""
+    T, D = qkv.shape[0], qkv.shape[1] // 3
+    if packing.equal:  # nothing to pad: a plain B x L batch
+        return multi_head_attention(qkv.view(len(packing.cu_seqlens) - 1, -1, 3 * D), heads).view(T, D)
+    if use_varlen(qkv):
+        q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)                  # each T x H x D/H
+        cu, m = packing.cu_seqlens, packing.max_len
+        return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
+    # elsewhere: move the rows into the bins, one masked attention call, and move the real rows back
+    bins, capacity = packing.bin_mask.shape[0], packing.bin_mask.shape[-1]
+    in_bins = MoveRows.apply(qkv, packing.bin_source, packing.bin_index)               # bins*C x 3D
+    out = multi_head_attention(in_bins.view(bins, capacity, 3 * D), heads, packing.bin_mask)
+    return MoveRows.apply(out.view(-1, D), packing.bin_index, packing.bin_source)      # T x D
 
 
 # -----------------------------------------------------------------------------
