@@ -176,14 +176,17 @@ def pool_segments(x, boundaries, multiple=1, segments=None):
     weight in it goes down, as the cut does, where DTP's form raises it. The gradient of
     b_j is then that of fading the segment's tail out of its mean (tested). On the
     shapes data DTP's sign left boundaries off the object, this one puts them on it
-    (README, "Where DRIP cuts").
+    (README, "Where DRIP cuts"). A segment of one patch has count 1, and the count's
+    gradient must pass there too: hence `where` for the empty padding segments, not
+    clamp(min=1), whose gradient at its bound is 0 in recent torch (2.14 here), 1 in older releases.
     """
     segment = boundaries.cumsum(1) - boundaries                 # B x N: sum_{j<i} b_j
     num_segments = boundaries.sum(1)                            # B
     S = segments if segments is not None else round_up(int(num_segments.max()), multiple)  # host sync: a shape
     offset = torch.arange(S, device=x.device, dtype=boundaries.dtype) - segment.unsqueeze(2)  # B x N x S
     member = torch.where(offset == 0, 1 + offset, torch.zeros_like(offset))  # B x N x S: 1 iff token n is in segment s
-    weights = member / member.sum(1, keepdim=True).clamp(min=1)  # B x N x S: each segment's column sums to 1
+    count = member.sum(1, keepdim=True)                         # B x 1 x S: patches per segment, 0 for padding
+    weights = member / torch.where(count > 0, count, 1)         # B x N x S: each segment's column sums to 1
     pooled = torch.einsum("bnd,bns->bsd", x, weights.to(x.dtype))  # B x S x D
     valid = torch.arange(S, device=x.device) < num_segments.unsqueeze(1)  # B x S
     return pooled, valid
@@ -772,7 +775,8 @@ class KeepPredictor(nn.Module):
         x = self.in_conv(x)
         local, rest = x.chunk(2, dim=2)                         # B x n x D/2 each
         policy = policy[..., None].to(x.dtype)
-        global_ = (rest * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True).clamp(min=1)  # B x 1 x D/2
+        kept = policy.sum(1, keepdim=True)                      # B x 1 x 1 (where, not clamp: see pool_segments)
+        global_ = (rest * policy).sum(1, keepdim=True) / torch.where(kept > 0, kept, 1)  # B x 1 x D/2
         return self.out_conv(torch.cat([local, global_.expand_as(rest)], 2))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flops import ImageTower, fvcore_macs
-from model import (CLIP, REDUCERS, ToMe, VisionTransformer, dynamicvit_kept, dynamicvit_keep_rate,
+from model import (CLIP, REDUCERS, KeepPredictor, ToMe, VisionTransformer, dynamicvit_kept, dynamicvit_keep_rate,
                    expected_segments, image_tower_macs, make_config, merge_tokens, bipartite_soft_matching,
                    tome_plan, tome_schedule)
 from test_train_clip import FAST, HERE, data_dir, metrics, run, tokenizer_file  # noqa: F401 (fixtures)
@@ -193,6 +193,28 @@ def test_dynamicvit_dropping_every_token_stays_finite():
     (out.embedding.sum() + out.aux_loss).backward()
     assert torch.isfinite(out.embedding).all() and torch.isfinite(out.aux_loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dynamicvit_global_feature_is_the_mean_of_the_kept_tokens_with_its_gradient():
+    """Against the mean written out (sum / count): also where one token is kept, whose count
+    of 1 must pass its gradient to the policy (clamp(min=1) would not in torch 2.14)."""
+    torch.manual_seed(0)
+    predictor = KeepPredictor(16).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    kept = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    grads = []
+    for written_out in (False, True):
+        policy = kept.clone().requires_grad_(True)
+        if written_out:
+            local, rest = predictor.in_conv(x).chunk(2, dim=2)
+            mean = (rest * policy[..., None]).sum(1, keepdim=True) / policy.sum(1)[:, None, None]
+            out = predictor.out_conv(torch.cat([local, mean.expand_as(rest)], 2))
+        else:
+            out = predictor(x, policy)
+        out[..., 0].sum().backward()
+        grads.append((out, policy.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
 @pytest.mark.parametrize("reducer", ["tome", "dynamicvit"])
