@@ -61,12 +61,12 @@ def test_pool_segments_passes_gradient_to_boundaries():
     assert logits.grad.abs().sum() > 0
 
 
-def test_boundary_gradient_is_that_of_cutting_the_tail_out_of_its_segment():
-    """d loss / d b_j = d loss / dt of fading the patches after j out of j's segment mean
-    (weights 1 - t), at t = 0; zero where b_j = 1 (segments after a boundary only shift).
-
-    Patches 3 and 7 are segments of one patch each: their count of 1 must pass its gradient
-    (recent torch, 2.14 here, gives clamp(min=1) a zero gradient at 1)."""
+def test_boundary_gradient_cuts_the_tail_out_of_its_segment_and_fades_one_patch_segments():
+    """d loss / d b_j = d loss / dt at t = 0 of: the patches after j fading out of j's
+    segment mean (weights 1 - t), and every later segment of one patch fading itself
+    (its patch times 1 - t). Later longer segments only shift: they add nothing, so where
+    b_j = 1 only the later one-patch segments count. Patches 3 and 7 are one-patch
+    segments (not divided by their count, written out: clamp(min=1) would depend on torch)."""
     torch.manual_seed(0)
     N, D = 12, 5
     x, w = torch.randn(1, N, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
@@ -75,18 +75,23 @@ def test_boundary_gradient_is_that_of_cutting_the_tail_out_of_its_segment():
     pooled, _ = pool_segments(x, boundaries)
     (pooled[0] * w[:pooled.shape[1]]).sum().backward()
     ends = marks[0].nonzero().flatten().tolist()
+    starts = [0] + [e + 1 for e in ends[:-1]]
     for j in range(N - 1):
-        if marks[0, j] == 1:
-            assert abs(boundaries.grad[0, j]) < 1e-12
-            continue
-        s = sum(1 for e in ends if e < j)                       # j's segment
-        start, end = (ends[s - 1] + 1 if s else 0), ends[s]
         t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        weight = torch.ones(end - start + 1, dtype=torch.float64)
-        weight = torch.where(torch.arange(start, end + 1) > j, 1 - t, weight)
-        mean = (weight[:, None] * x[0, start:end + 1]).sum(0) / weight.sum()
-        (mean * w[s]).sum().backward()
-        torch.testing.assert_close(boundaries.grad[0, j], t.grad)
+        loss = 0
+        for s, (start, end) in enumerate(zip(starts, ends)):
+            patches = torch.arange(start, end + 1)
+            if start <= j < end:                                # j's segment, with patches after j
+                weight = torch.where(patches > j, 1 - t, torch.ones((), dtype=torch.float64))
+                token = (weight[:, None] * x[0, patches]).sum(0) / weight.sum()
+            elif start > j and start == end:                    # a later segment of one patch
+                token = (1 - t) * x[0, start]
+            else:
+                token = x[0, patches].mean(0)
+            loss = loss + (token * w[s]).sum()
+        expected = torch.autograd.grad(loss, t)[0] if loss.requires_grad else torch.zeros((), dtype=torch.float64)
+        torch.testing.assert_close(boundaries.grad[0, j], expected)
+    assert abs(boundaries.grad[0, 2]) > 1e-3 and boundaries.grad[0, 7] == 0  # cuts before one-patch segments count
 
 
 def contrastive_loss(model, images, text):
