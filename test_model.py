@@ -482,6 +482,49 @@ def test_varlen_attention_is_chosen_only_where_it_can_run(monkeypatch):
         assert not use_varlen(torch.zeros(2, 3, device="cuda", dtype=torch.bfloat16))
 
 
+def test_varlen_branch_wiring_matches_the_padded_fallback_with_a_reference_kernel(monkeypatch):
+    """The varlen branch everywhere but in the kernel, on the CPU: packed q/k/v as T x H x D/H,
+    int32 cumulative lengths, no bins built, with per-image attention standing in for flash's
+    varlen_attn (its documented contract). Outputs and every gradient equal the bins fallback's."""
+    import model as model_module
+    calls = []
+
+    def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert q.dim() == 3 and q.shape == k.shape == v.shape and cu_q.dtype == cu_k.dtype == torch.int32
+        bounds = cu_q.tolist()
+        assert bounds == cu_k.tolist() and bounds[-1] == q.shape[0]
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        calls.append(len(bounds) - 1)
+        return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                          for a, b in zip(bounds, bounds[1:])])                # T x H x D/H
+
+    def no_bins(*args):
+        raise AssertionError("the varlen path must not build the bins")
+
+    torch.manual_seed(0)
+    model = VisionTransformer(make_config("tiny", compress=4)).train()
+    images = torch.randn(6, 3, model.cfg.image_size, model.cfg.image_size)
+    results = []
+    for varlen in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(model_module, "use_varlen", lambda x: varlen)
+            patch.setattr(model_module, "varlen_attn", reference_varlen_attn)
+            if varlen:
+                patch.setattr(model_module, "first_fit", no_bins)
+            model.zero_grad()
+            torch.manual_seed(1)
+            out = model(images)
+            out.embedding.pow(2).sum().backward()
+        results.append((out.embedding.detach(), out.tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(set(out.valid.sum(1).tolist())) > 1, "the images should differ in length"
+    assert calls == [6] * (model.cfg.layers - model.cfg.pre_layers)  # every block after pooling, the varlen run only
+    (varlen_embedding, varlen_tokens, varlen_grads), (embedding, tokens, grads) = results
+    torch.testing.assert_close(varlen_embedding, embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(varlen_tokens, tokens, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(varlen_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
 def test_varlen_path_matches_the_padded_fallback_on_gpu(monkeypatch):
     """bf16 on CUDA: the flash varlen path and DRIP_VARLEN=0's padded fallback give the same
