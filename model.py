@@ -231,7 +231,7 @@ class Packing(NamedTuple):
     valid: torch.Tensor       # B x L bool: the real tokens of the callers' layout
     max_len: int              # longest L_b
     equal: bool               # every image has the same length: attention runs on a plain B x L view
-    bin_index: Optional[torch.Tensor]   # T: row of each packed token in the flattened bins (None when equal)
+    bin_index: Optional[torch.Tensor]   # T: row of each packed token in the flattened bins (None: equal or varlen)
     bin_source: Optional[torch.Tensor]  # bins*C: packed row that each bin row holds (padding rows: row 0)
     bin_mask: Optional[torch.Tensor]    # bins x 1 x C x C bool: query and key row are of the same image
 
@@ -266,7 +266,8 @@ def packing_plan(lengths, multiple=1, bins=True):
     """lengths: B LongTensor of real tokens per image -> Packing. The one host sync after pooling.
 
     The callers' layout is padded to the longest image rounded up to `multiple`. bins=False
-    skips the fallback's attention layout (and its Python loop) where varlen attention runs.
+    skips the fallback's attention layout (and its Python loop) where varlen attention runs:
+    a plan without bins is what sends packed_attention to the varlen kernel.
     """
     host = lengths.tolist()
     B, T, max_len, device = len(host), sum(host), max(host), lengths.device
@@ -353,7 +354,7 @@ def packed_attention(qkv, heads, packing):
     T, D = qkv.shape[0], qkv.shape[1] // 3
     if packing.equal:  # nothing to pad: a plain B x L batch
         return multi_head_attention(qkv.view(len(packing.cu_seqlens) - 1, -1, 3 * D), heads).view(T, D)
-    if use_varlen(qkv):
+    if packing.bin_mask is None:  # the plan left the bins out: use_varlen chose flash's kernel for this batch
         q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)                  # each T x H x D/H
         cu, m = packing.cu_seqlens, packing.max_len
         return varlen_attn(q, k, v, cu, cu, m, m).reshape(T, D)  # positional: the keywords changed in torch 2.11
