@@ -7,7 +7,7 @@ Images, shard decoding and the built-in data live in data.py; tokenizers, the co
 template and Hugging Face LLM folders in text.py.
 """
 import argparse
-import ast
+import datetime
 import difflib
 import math
 import os
@@ -22,6 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+try:  # the all-gather with gradient that replaces torch.distributed.nn's
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+except ImportError:
+    import torch.distributed.nn.functional
+    all_gather_single_autograd = None
+
+import reducers  # noqa: F401  registers the comparison reducers, so a checkpoint of any tower loads
 from model import CLIP, CLIPConfig, load_clip_weights, make_config
 
 def die(message):
@@ -34,42 +41,32 @@ def die(message):
 
 
 def defaults_block(path):
-    """The defaults block of a script: its source lines from the `# defaults` comment to the
-    `config = parse_overrides(...)` line, and the names assigned there, in order."""
+    """The source lines of a script's defaults block, from its `# defaults` comment to the
+    `config = parse_overrides(...)` line: what --help prints, comments included."""
     with open(path) as f:
         lines = f.read().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("# defaults")), None)
     end = next((i for i, line in enumerate(lines) if "parse_overrides(" in line and i > (start or 0)), None)
     if start is None or end is None:
-        raise RuntimeError(f"{path} has no '# defaults' block ending in config = parse_overrides(globals())")
-    names = []
-    for node in ast.parse("\n".join(lines[start:end])).body:
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                names += [t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
-    return lines[start:end], names
+        raise RuntimeError(f"{path} has no '# defaults' block ending in config = parse_overrides(...)")
+    return lines[start:end]
 
 
-# flags renamed for one vocabulary across scripts (README, "Flags"): refused with the new name
-RENAMED = {"vision": "--init_from", "init": "--init_from", "vision_model": "--model", "shapes_dir": "--data_dir",
-           "generate": "sample_llava.py"}
-
-
-def parse_overrides(namespace, argv=None):
+def parse_overrides(namespace, before, argv=None):
     """Return a dict of the script's defaults with command-line overrides applied.
 
-    namespace is the calling script's globals(); the options are the names assigned in its
-    defaults block only (see defaults_block), so an imported constant is never an option.
-    --help prints that block with its comments. Types follow the defaults: `--compress 4`
-    on a float default gives 4.0, a bool accepts `--flag`, `--flag=true` and `--flag=false`.
+    namespace is the calling script's globals() and `before` the names it held before its
+    defaults block: the options are the names the block added (those starting with _ aside),
+    so an imported constant is never an option. --help prints the block with its comments.
+    Types follow the defaults: `--compress 4` on a float default gives 4.0, a bool accepts
+    `--flag`, `--flag=true` and `--flag=false`.
     """
     argv = sys.argv[1:] if argv is None else argv
-    block, names = defaults_block(namespace["__file__"])
-    config = {k: namespace[k] for k in names}
+    config = {k: v for k, v in namespace.items() if k not in before and not k.startswith("_")}
     if "--help" in argv or "-h" in argv:
-        doc = (namespace.get("__doc__") or "").strip().split("\n")[0]
+        doc = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
         print(f"{doc}\n\nusage: python {os.path.basename(namespace['__file__'])} [--key=value | --key value] ...\n")
-        print("\n".join(block))
+        print("\n".join(defaults_block(namespace["__file__"])))
         raise SystemExit(0)
     i = 0
     while i < len(argv):
@@ -77,8 +74,6 @@ def parse_overrides(namespace, argv=None):
         if not arg.startswith("--"):
             die(f"unexpected argument {arg!r}; options look like --key=value (--help lists them)")
         key, has_value, value = arg[2:].partition("=")
-        if key not in config and key in RENAMED:
-            die(f"--{key} is now {RENAMED[key]} (README, \"Flags\")")
         if key not in config:
             close = difflib.get_close_matches(key, config, n=1)
             die(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "; --help lists the options"))
@@ -171,19 +166,67 @@ def check_file(path, flag, what="file"):
 # Distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
 
+# collectives wait this long for a rank: rank 0 writing a 7B model's full checkpoint (~100 GB) while the
+# others wait in the next collective takes longer than NCCL's default of 10 minutes
+DIST_TIMEOUT = datetime.timedelta(minutes=60)
+
+
 def setup_distributed():
-    """Returns (rank, world_size, device). Single process when RANK is not set."""
+    """Returns (rank, world_size, device). Single process when RANK is not set.
+
+    On GPUs the process group takes NCCL for CUDA tensors and gloo for CPU tensors: FSDP's
+    CPU offload reduces CPU shards (gradient clipping) and loads checkpoints on the CPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=DIST_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_with_grad(x):
+    """B x E on each rank -> world*B x E, rank after rank; each rank's block keeps its gradient."""
+    if all_gather_single_autograd is not None:
+        return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))  # older torch
+
+
+def mean_over_ranks(value):
+    """A tensor's mean over all ranks (the tensor itself in a single process)."""
+    if not dist.is_initialized():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def check_shared_folder(path, flag):
+    """Under torchrun, stop unless every rank sees what rank 0 writes in `path`: several nodes need
+    out_dir and data_dir on a filesystem they share (rank 0 writes data, tokenizers, checkpoints)."""
+    if not dist.is_initialized():
+        return
+    token = [f"{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(token)
+    marker = os.path.join(path, f".shared-check-{token[0]}")
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(token[0])
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, os.path.isfile(marker))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(marker)
+    if not all(seen):
+        blind = ", ".join(str(r) for r, s in enumerate(seen) if not s)
+        die(f"{flag} {path}: rank(s) {blind} do not see what rank 0 writes there; "
+            "on several nodes put it on a filesystem every node shares")
 
 
 def autocast_context(device, dtype, choices=("bfloat16", "float32")):

@@ -45,9 +45,10 @@ with warnings.catch_warnings():  # fvcore applies torch.jit.script at import, wh
 
 from common import ArgumentParser, die, load_clip_checkpoint
 from data import image_files, image_transform, load_image
-from model import (CLIP, LLAMA_CONFIGS, REDUCERS, CLIPConfig, LlamaConfig, describe_reducer, even_boundaries,
-                   expected_segments, image_tower_macs, llama_config_from_hf, make_config)
+from llama import LLAMA_CONFIGS, LlamaConfig, llama_config_from_hf
+from model import CLIP, CLIPConfig, even_boundaries, expected_segments, image_tower_macs, make_config
 from plots import plot_accuracy_vs_gflops
+from reducers import REDUCERS, describe_reducer
 
 
 def sdpa_macs(inputs, outputs):

@@ -34,9 +34,11 @@ import torch.distributed as dist
 
 from common import Progress, autocast_context, check_writable, die, load_image_tower, parse_overrides, setup_distributed
 from data import image_transform, load_image
-from model import LLaVA, add_lora
+from llama import add_lora
+from model import LLaVA
 from text import load_llama, tokenize_conversation
 
+_before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
 # defaults
 out_dir = "out/llava_c1"    # train_llava.py's output folder: its stage 2 checkpoint is used, else stage 1's
@@ -51,7 +53,7 @@ model_id = ""               # the answers' model_id; empty = the checkpoint's ru
 batch_size = 16             # questions per generate call, per rank
 max_new_tokens = 32
 dtype = "auto"              # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
-config = parse_overrides(globals())
+config = parse_overrides(globals(), _before)
 globals().update(config)
 # -----------------------------------------------------------------------------
 

@@ -14,20 +14,24 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["train_clip.py", "train_imagenet.py", "train_llava.py", "sample_llava.py", "flops.py", "visualize.py"]
+SCRIPTS = ["train_clip.py", "train_imagenet.py", "train_llava.py", "sample_llava.py", "flops.py", "visualize.py",
+           "gpu_check.py"]
 F = "{F}"  # stands for the fixtures folder in the table below
+
+
+def defaults(script):
+    """A script's defaults block (what --help prints) and its options: the names the block assigns, with values."""
+    from common import defaults_block
+    block, namespace = defaults_block(os.path.join(HERE, script)), {}
+    exec("\n".join(block), namespace)
+    return block, {k: v for k, v in namespace.items() if k != "__builtins__"}
 
 
 def wrong_type_cases():
     """--flag=<a value of the wrong type> for every int, float and bool option of the defaults-block scripts."""
-    from common import defaults_block
     cases = []
     for script in SCRIPTS[:4]:
-        namespace = {}
-        block, names = defaults_block(os.path.join(HERE, script))
-        exec("\n".join(block), namespace)
-        for name in names:
-            value = namespace[name]
+        for name, value in defaults(script)[1].items():
             if isinstance(value, bool):
                 cases.append((script, [f"--{name}=maybe"], f"--{name} expects true or false"))
             elif isinstance(value, int):
@@ -57,16 +61,13 @@ BAD_VALUES = [
     ("train_imagenet.py", C4 + ["--compress", "2"], "--compress 2 contradicts"),
     ("train_imagenet.py", C4 + ["--model", "ViT-B-32"], "--model ViT-B-32 contradicts"),
     ("flops.py", ["--ckpt", f"{F}/clip_c4.pt"], "--ckpt and --images go together"),
+    ("gpu_check.py", [], "no CUDA GPU is visible"),
     # the flag parser itself
     ("train_clip.py", ["--bogus", "1"], "unknown option --bogus"),
     ("train_clip.py", ["--epoch", "1"], "did you mean --epochs?"),
     ("train_clip.py", ["epochs=1"], "unexpected argument"),
     ("train_clip.py", ["--epochs"], "--epochs needs a value"),
     ("train_clip.py", ["--lr", "nan"], "--lr expects a finite number"),
-    ("train_imagenet.py", ["--init", f"{F}/clip_c4.pt"], "--init is now --init_from"),
-    ("train_imagenet.py", ["--shapes_dir", "data"], "--shapes_dir is now --data_dir"),
-    ("train_llava.py", ["--vision", f"{F}/clip_c4.pt"], "--vision is now --init_from"),
-    ("train_llava.py", ["--generate"], "--generate is now sample_llava.py"),
     # train_clip.py, every option
     ("train_clip.py", ["--model", "ViT-X"], "--model must be one of"),
     ("train_clip.py", ["--reducer", "pool"], "--reducer must be one of"),
@@ -327,9 +328,7 @@ def test_help_prints_every_option_with_its_default(results, index):
     result = results[len(CASES) + index]
     assert result["returncode"] == 0 and result["left_behind"] == [], result
     if SCRIPTS[index] in SCRIPTS[:4]:
-        from common import defaults_block
-        block, names = defaults_block(os.path.join(HERE, SCRIPTS[index]))
-        assert "\n".join(block) in result["stdout"]  # the defaults block, comments included
+        assert "\n".join(defaults(SCRIPTS[index])[0]) in result["stdout"]  # the defaults block, comments included
     else:
         assert "--batch_size" in result["stdout"] or "--ckpt" in result["stdout"]
 
@@ -338,11 +337,10 @@ ANY_VALUE = {"sample_llava.py": {"model_id"}}  # options for which no value is w
 
 
 def test_every_option_has_a_bad_value_case():
-    from common import defaults_block
     for script in SCRIPTS[:4]:
         tried = {arg.split("=")[0][2:] for s, args, _ in BAD_VALUES if s == script for arg in args if arg.startswith("--")}
         tried |= {args[0].split("=")[0][2:] for s, args, _ in wrong_type_cases() if s == script}
-        assert set(defaults_block(os.path.join(HERE, script))[1]) - ANY_VALUE.get(script, set()) <= tried, script
+        assert set(defaults(script)[1]) - ANY_VALUE.get(script, set()) <= tried, script
 
 
 # ----------------------------------------------------------------------------- the worker

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from flops import ImageTower, TextTower, fvcore_macs, llm_config, llm_prefill_macs, projector_macs, text_tower_macs
-from model import CLIP, LLAMA_CONFIGS, Llama, LlamaConfig, LLaVA, even_boundaries, image_tower_macs, make_config
+from llama import LLAMA_CONFIGS, Llama, LlamaConfig
+from model import CLIP, LLaVA, even_boundaries, image_tower_macs, make_config
 
 
 def formula(image_size, patch, width=768, layers=12, embed_dim=512):

@@ -18,8 +18,8 @@ from transformers import LlamaForCausalLM
 
 from data import image_transform, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
-from model import (CLIP, IGNORE, IMAGE_TOKEN, LLAMA_CONFIGS, LLaVA, Llama, LoRALinear, add_lora, make_config,
-                   merge_lora)
+from llama import LLAMA_CONFIGS, Llama, LoRALinear, add_lora, merge_lora
+from model import CLIP, IGNORE, IMAGE_TOKEN, LLaVA, make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["the shape is red", "it is a blue circle", "where is the green ring", "a photo of a yellow cross",

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from flops import ImageTower, fvcore_macs
-from model import (CLIP, REDUCERS, KeepPredictor, ToMe, VisionTransformer, dynamicvit_kept, dynamicvit_keep_rate,
-                   expected_segments, image_tower_macs, make_config, merge_tokens, bipartite_soft_matching,
-                   tome_plan, tome_schedule)
+from model import CLIP, VisionTransformer, expected_segments, image_tower_macs, make_config
+from reducers import (REDUCERS, KeepPredictor, ToMe, bipartite_soft_matching, dynamicvit_kept, dynamicvit_keep_rate,
+                      merge_tokens, tome_plan, tome_schedule)
 from test_train_clip import FAST, HERE, data_dir, metrics, run, tokenizer_file  # noqa: F401 (fixtures)
 
 OTHERS = [r for r in REDUCERS if r != "drip"]

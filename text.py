@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from common import die, load_weights_file, save_checkpoint
-from model import IGNORE, IMAGE_TOKEN, Llama, llama_config_from_hf, load_llama_state_dict
+from llama import Llama, llama_config_from_hf, load_llama_state_dict
+from model import IGNORE, IMAGE_TOKEN
 # -----------------------------------------------------------------------------
 # Tokenizers: a BPE trained on captions, or CLIP's own
 

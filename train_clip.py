@@ -27,21 +27,23 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 import webdataset as wds
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_writable, classification_accuracy, clip_run_dir, cosine_lr, die, load_weights_file, parse_overrides,
+                    check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr, die, gather_with_grad,
+                    load_weights_file, mean_over_ranks, parse_overrides,
                     peak_memory_gb, read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
                   zero_shot_templates)
-from model import CLIP, CONFIGS, REDUCERS, CLIPConfig, describe_reducer, image_tower_macs, load_clip_weights, make_config
+from model import CLIP, CONFIGS, CLIPConfig, image_tower_macs, load_clip_weights, make_config
 from plots import plot_curves
+from reducers import REDUCERS, describe_reducer
 
+_before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
 # defaults (the built-in data and the tiny model: a 2-core CPU run of a few minutes)
 model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336
@@ -76,7 +78,7 @@ checkpoint_every = 200      # steps
 resume = False
 max_steps = 0               # stop after this many steps (0 = run all epochs); for tests and smoke runs
 eval_only = False           # zero-shot evaluation of --init_from (or out_dir's checkpoint with --resume), no training
-config = parse_overrides(globals())
+config = parse_overrides(globals(), _before)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -139,8 +141,7 @@ def zero_shot(model, tok, dataset, names, prompts, device, autocast):
 def contrastive_loss(image_features, text_features, logit_scale):
     """Symmetric InfoNCE over the features of all ranks; local rows, gathered columns (open_clip's local loss)."""
     if dist.is_initialized():
-        all_image = torch.cat(dist_nn.all_gather(image_features))  # world*B x E, with gradient
-        all_text = torch.cat(dist_nn.all_gather(text_features))
+        all_image, all_text = gather_with_grad(image_features), gather_with_grad(text_features)  # world*B x E
         offset = dist.get_rank() * len(image_features)
     else:
         all_image, all_text, offset = image_features, text_features, 0
@@ -189,6 +190,9 @@ if eval_only and init_weights is not None and "model_config" in init_weights:
         die(f"--compress {compress:g} contradicts {init_from}, a compress-{model_config.compress:g} checkpoint, which "
             "--eval_only evaluates as it is; drop --compress")
 rank, world_size, device = setup_distributed()
+check_shared_folder(out_dir, "--out_dir")
+if use_builtin:
+    check_shared_folder(data_dir, "--data_dir")
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)
@@ -329,7 +333,7 @@ while step < total_steps and (not max_steps or step < max_steps):
         optimizer.step()
         with torch.no_grad():
             raw_model.logit_scale.clamp_(0, math.log(100))
-        raw_model.visual.track_rate(vision.boundary_rate)  # DRIP's rate controller (DDP broadcasts rank 0's)
+        raw_model.visual.track_rate(mean_over_ranks(vision.boundary_rate))  # DRIP's rate controller, on every rank alike
         step += 1
         progress.advance(len(images) * world_size)
         skipped_total += skipped

@@ -34,13 +34,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_writable,
+from common import (Progress, all_reduce_sum, check_shared_folder, mean_over_ranks, all_rng_states, autocast_context, check_options, check_writable,
                     classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides, peak_memory_gb,
                     read_resume_checkpoint, reducer_tag, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
-from model import CLIP, CONFIGS, REDUCERS, CLIPConfig, decay_groups, describe_reducer, load_clip_weights, make_config
+from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
+from reducers import REDUCERS, describe_reducer
 
+_before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
 # defaults: the tiny model on the built-in shapes data, a few minutes on a 2-core CPU
 model = ""                  # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; empty = the --init_from checkpoint's, else tiny
@@ -72,7 +74,7 @@ resume = False
 max_steps = 0               # stop after this many steps (0 = all epochs)
 lr_find = False             # learning-rate range test instead of training
 lr_find_steps = 100
-config = parse_overrides(globals())
+config = parse_overrides(globals(), _before)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ def make_train_batches(source, image_size, steps, epoch):
         if sampler:
             sampler.set_epoch(epoch)
         loader = DataLoader(source, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                            num_workers=workers, generator=torch.Generator().manual_seed(seed + epoch))
+                            num_workers=workers, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + rank))  # crops differ by rank
         return ((images, labels, 0) for _, (images, labels) in zip(range(steps), loader))
     # shards: one resampled stream, split over ranks and workers, cut at the same step everywhere
     pipeline = wds.DataPipeline(
@@ -193,6 +195,9 @@ check_writable(out_dir, "--out_dir")
 checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress/--reducer") if resume else None
 
 rank, world_size, device = setup_distributed()
+check_shared_folder(out_dir, "--out_dir")
+if not train_data:
+    check_shared_folder(data_dir, "--data_dir")
 master = rank == 0
 random.seed(seed + rank)
 torch.manual_seed(seed + rank)  # also draws the mixup weights, so --seed reproduces a mixup run
@@ -261,7 +266,7 @@ def train_step(images, labels, step_lr):
     loss.backward()
     optimizer.step()
     if not freeze:
-        classifier.visual.track_rate(vision.boundary_rate)  # DRIP's rate controller (DDP broadcasts rank 0's)
+        classifier.visual.track_rate(mean_over_ranks(vision.boundary_rate))  # DRIP's rate controller, on every rank alike
     return loss, task, vision
 
 

@@ -52,13 +52,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_writable, clip_run_dir, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb,
+                    check_shared_folder, check_writable, clip_run_dir, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb,
                     reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
-from model import CONFIGS, IGNORE, LLAMA_CONFIGS, REDUCERS, LLaVA, Llama, LoRALinear, add_lora, merge_lora
+from llama import LLAMA_CONFIGS, Llama, LoRALinear, add_lora, merge_lora
+from model import CONFIGS, IGNORE, LLaVA
 from plots import plot_curves
+from reducers import REDUCERS
 
+_before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
 # defaults (the built-in data, a tiny LLM trained here: a few minutes on a 2-core CPU)
 stage = "all"               # all (stage 0 if there is no --llm, then 1, then 2) | 0 | 1 | 2
@@ -104,7 +107,7 @@ resume = False
 max_steps = 0               # per stage; 0 = all epochs (for tests and smoke runs)
 eval_samples = 0            # 0 = all of eval_data
 max_new_tokens = 32         # longest greedy answer in the evaluation
-config = parse_overrides(globals())
+config = parse_overrides(globals(), _before)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -238,6 +241,7 @@ def build_model(llm_path, lora):
     if lora:
         torch.manual_seed(seed)  # the same adapters on every rank, whichever stages ran before in this process
         add_lora(language_model, *lora)
+        torch.manual_seed(seed + rank)  # then dropout masks of each rank's own
     return LLaVA(visual, language_model, projector, feature_layer), tok
 
 
@@ -508,8 +512,11 @@ def load_checkpoint(path, model, optimizer, n, sources, lora, trainable):
     if problem:
         die(problem)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    if cpu_offload:  # the shards live on the CPU: the frozen tower (not in the checkpoint) joins them while
+        model.visual.cpu()  # loading, since set_model_state_dict refuses a model on two devices
     set_model_state_dict(model, checkpoint["model"], options=options)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
+    model.visual.to(device)
     if len(rng) == world_size:
         set_rng_state(rng[rank])
     return step
@@ -583,6 +590,9 @@ config["compress"], config["reducer"] = compress, reducer = tower_config.compres
 tag = "" if compress == 1 else reducer_tag(reducer)
 out_dir = config["out_dir"] = out_dir or f"out/llava{tag}_c{compress:g}"
 check_writable(out_dir, "--out_dir")
+check_shared_folder(out_dir, "--out_dir")
+if not (pretrain_data and instruct_data and eval_data):
+    check_shared_folder(data_dir, "--data_dir")
 if not -tower_config.layers <= feature_layer < tower_config.layers:
     die(f"--feature_layer must index one of the tower's {tower_config.layers} blocks (-{tower_config.layers} to "
         f"{tower_config.layers - 1}), got {feature_layer}")
