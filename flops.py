@@ -348,8 +348,9 @@ def bench_rows(args, device):
     return rows
 
 
-def main():
-    parser = ArgumentParser(__doc__.split("\n")[0])
+def parse_args():
+    """The command line, every flag checked before any work."""
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10])
     parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
@@ -407,26 +408,34 @@ def main():
         die(f"--device {args.device} is not a device; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but no GPU is visible")
+    return args, device, llm
 
-    if args.runs:
-        rows = runs_rows(args.runs)
-        if args.plot:
-            lines = {}
-            for r in rows:
-                lines.setdefault(r["reducer"], []).append((r["image_gflops_analytic"], r["zero_shot_top1"], f"{r['compress']:g}x"))
-            plot_accuracy_vs_gflops(lines, args.plot, title="zero-shot top-1 against image-tower compute",
-                                    accuracy_label="zero-shot top-1 (%, mean over seeds)",
-                                    gflops_label="image-tower GFLOPs (analytic multiply-adds)")
-        if args.json:
-            print(json.dumps(rows, indent=2, default=str))
-            return
-        print(f"{'reducer':>12} {'compress':>8} {'GFLOPs':>8} {'top-1 mean':>10} {'by seed':>16} {'tokens':>6} "
-              f"{'eval rate':>9} {'train rate':>10} {'step s':>7}")
+
+def print_runs(args):
+    """--runs: accuracy against GFLOPs of finished runs, a table (or JSON) and the plot."""
+    rows = runs_rows(args.runs)
+    if args.plot:
+        lines = {}
         for r in rows:
-            seeds = " ".join(f"{v:.2f}" for _, v in sorted(r["top1_by_seed"].items(), key=str))
-            print(f"{r['reducer']:>12} {r['compress']:>8g} {r['image_gflops_analytic']:>8.4f} {r['zero_shot_top1']:>10.2f} "
-                  f"{seeds:>16} {r['eval_tokens']:>6.2f} {r['eval_rate']:>9.3f} {r['train_rate']:>10.3f} {r['step_time_s']:>7.3f}")
+            lines.setdefault(r["reducer"], []).append((r["image_gflops_analytic"], r["zero_shot_top1"], f"{r['compress']:g}x"))
+        plot_accuracy_vs_gflops(lines, args.plot, title="zero-shot top-1 against image-tower compute",
+                                accuracy_label="zero-shot top-1 (%, mean over seeds)",
+                                gflops_label="image-tower GFLOPs (analytic multiply-adds)")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
         return
+    print(f"{'reducer':>12} {'compress':>8} {'GFLOPs':>8} {'top-1 mean':>10} {'by seed':>16} {'tokens':>6} "
+          f"{'eval rate':>9} {'train rate':>10} {'step s':>7}")
+    for r in rows:
+        seeds = " ".join(f"{v:.2f}" for _, v in sorted(r["top1_by_seed"].items(), key=str))
+        print(f"{r['reducer']:>12} {r['compress']:>8g} {r['image_gflops_analytic']:>8.4f} {r['zero_shot_top1']:>10.2f} "
+              f"{seeds:>16} {r['eval_tokens']:>6.2f} {r['eval_rate']:>9.3f} {r['train_rate']:>10.3f} {r['step_time_s']:>7.3f}")
+
+
+def main():
+    args, device, llm = parse_args()
+    if args.runs:
+        return print_runs(args)
     skipped = Counter()
     result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped, args.reducer)}
     if args.ckpt:
@@ -440,7 +449,12 @@ def main():
 
     if args.json:
         print(json.dumps(result, indent=2))
-        return
+    else:
+        print_tables(result, args, skipped)
+
+
+def print_tables(result, args, skipped):
+    """The tables of main's result: FLOPs, the checkpoint's count, the LLaVA side, the benchmark."""
     print(f"{'model':12} {'compress':>8} {'reducer':>12} {'tokens':>6} {'image GFLOPs':>12} {'analytic':>9} {'ratio':>6} "
           f"{'text':>6} {'pair':>7} {'pair speed-up ceiling':>21}")
     for r in result["flops"]:
@@ -456,7 +470,7 @@ def main():
         print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "
               f"boundaries (rate {c['measured_rate']:.3f}, target {c['target_rate']:.3f}; "
               f"{c['image_gflops_target_rate']:.3f} at the target rate)")
-    if llm:
+    if "llava" in result:
         r0 = result["llava"][0]
         print(f"\nLLaVA per image: {args.model} at {r0['image_size']} px, features of block {args.feature_layer}, "
               f"{args.projector} projector, {r0['llm']} prefill of {args.prompt_tokens} text tokens + the image tokens")

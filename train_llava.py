@@ -344,6 +344,86 @@ def evaluate(model, tok, entries, folder):
 
 # ----------------------------------------------------------------------------- one training stage
 
+def optimizer_step(model, step_model, optimizer, scaler, params, batches, context, sums):
+    """One optimizer step over grad_accum micro-batches; returns this rank's mean loss, its LLM tokens and
+    the last micro-batch's output. Counts go into `sums`."""
+    loss_sum, supervised, tokens = 0.0, 0, 0
+    for micro in range(grad_accum):
+        images, has_image, ids, labels, skipped = next(batches)
+        last = micro == grad_accum - 1
+        if fsdp:
+            model.set_requires_gradient_sync(last)
+        with step_model.no_sync() if isinstance(step_model, DDP) and not last else nullcontext():
+            with autocast:
+                out = step_model([x.to(device) for x in ids], [y.to(device) for y in labels],
+                                 images.to(device) if images is not None else None, has_image, context)
+                logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
+                targets = out.labels[:, 1:]                                 # B x L-1
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                       reduction="sum")
+            scaler.scale(loss).backward()
+        loss_sum += loss.item()
+        supervised += int((targets != IGNORE).sum())
+        sums["image_tokens"] += int(out.image_tokens.sum())
+        sums["samples"] += len(ids)
+        tokens += int(out.lengths.sum())
+        sums["skipped"] += skipped
+        sums["truncated"] += out.truncated
+    # summed losses -> the mean over the step's supervised tokens on all ranks (DDP and FSDP average over
+    # ranks); a step whose answers were all truncated away keeps zero gradients, not NaN
+    all_supervised = all_reduce_sum([supervised], device)[0]
+    scaler.unscale_(optimizer)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(world_size / max(1, all_supervised))
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / max(1, supervised), tokens, out
+
+
+def epoch_loader(dataset, sampler, epoch, skip, steps_per_epoch):
+    """This rank's micro-batches of `epoch` in its shuffled order, those of the first `skip` steps left
+    out: a run resumed inside an epoch starts at its next step without reading what it trained on."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+    else:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(skip * grad_accum, steps_per_epoch * grad_accum)]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+
+
+def print_stage_plan(n, model, params, progress, lr, stage_dir):
+    """The stage's first lines: what trains, for how long, on what; under FSDP what each rank holds."""
+    if master:
+        os.makedirs(stage_dir, exist_ok=True)
+        print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {progress.plan()}, "
+              f"lr {lr:g}, global batch {batch_size} x {grad_accum} micro-batches x {world_size} rank(s) = "
+              f"{batch_size * grad_accum * world_size}, {'FSDP' if fsdp else 'DDP' if world_size > 1 else 'single process'}"
+              f"{' + CPU offload' if cpu_offload else ''}, {device} {dtype}", flush=True)
+    if fsdp:
+        full, held = shard_bytes(model)
+        per_rank = [None] * world_size
+        dist.all_gather_object(per_rank, held)
+        if master:
+            print(f"FSDP: {full / 2**20:.2f} MiB of sharded parameters; held by rank " +
+                  ", ".join(f"{r}: {b / 2**20:.2f} MiB" for r, b in enumerate(per_rank)), flush=True)
+
+
+def epoch_report(n, step, steps_per_epoch, sums):
+    """The epoch's record for the log and metrics.jsonl, summed over ranks."""
+    k = max(1, sums["steps"])
+    totals = all_reduce_sum([sums["loss"], sums["image_tokens"], sums["samples"], sums["tokens"], sums["skipped"],
+                             sums["truncated"]], device)
+    return {"stage": n, "epoch": step / steps_per_epoch, "step": step, "loss": totals[0] / (k * world_size),
+            "image_tokens_per_sample": totals[1] / max(1, totals[2]), "step_time_s": sums["time"] / k,
+            "tokens_per_s": totals[3] / max(1e-9, sums["time"]), "peak_memory_gb": peak_memory_gb(device),
+            "skipped_samples": int(totals[4]), "truncated_samples": int(totals[5])}
+
+
 def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, lora, total_steps=0):
     """Train the parameters that require grad; returns the last epoch's report (or None if already done).
 
@@ -356,17 +436,6 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
     micro_batches = (len(sampler) if sampler is not None else len(dataset)) // batch_size
     steps_per_epoch = micro_batches // grad_accum
-
-    def epoch_loader(epoch, skip):
-        """This rank's micro-batches of `epoch` in its shuffled order, those of the first `skip` steps left
-        out: a run resumed inside an epoch starts at its next step without reading what it trained on."""
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-        else:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(skip * grad_accum, steps_per_epoch * grad_accum)]
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
 
     if steps_per_epoch == 0:
         die(f"stage {n}: {len(entries)} samples are less than one step ({batch_size} x {grad_accum} micro-batches "
@@ -401,92 +470,40 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
                              "sources": sources, "run_config": config, "rng": states}, ckpt_path)
 
     progress = Progress(step, total_steps, steps_per_epoch, "tokens")
-    if master:
-        os.makedirs(stage_dir, exist_ok=True)
-        print(f"stage {n}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {progress.plan()}, "
-              f"lr {lr:g}, global batch {batch_size} x {grad_accum} micro-batches x {world_size} rank(s) = "
-              f"{batch_size * grad_accum * world_size}, {'FSDP' if fsdp else 'DDP' if world_size > 1 else 'single process'}"
-              f"{' + CPU offload' if cpu_offload else ''}, {device} {dtype}", flush=True)
-    if fsdp:
-        full, held = shard_bytes(model)
-        per_rank = [None] * world_size
-        dist.all_gather_object(per_rank, held)
-        if master:
-            print(f"FSDP: {full / 2**20:.2f} MiB of sharded parameters; held by rank " +
-                  ", ".join(f"{r}: {b / 2**20:.2f} MiB" for r, b in enumerate(per_rank)), flush=True)
+    print_stage_plan(n, model, params, progress, lr, stage_dir)
     report, warned = None, False
     model.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
         sums = dict(loss=0.0, image_tokens=0, samples=0, tokens=0, skipped=0, truncated=0, time=0.0, steps=0)
-        batches = iter(epoch_loader(epoch, step % steps_per_epoch))
+        batches = iter(epoch_loader(dataset, sampler, epoch, step % steps_per_epoch, steps_per_epoch))
         t0 = time.perf_counter()
         for _ in range(step % steps_per_epoch, steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, max(1, round(warmup_ratio * total_steps)), lr)
-            loss_sum, supervised, tokens = 0.0, 0, 0
-            for micro in range(grad_accum):
-                images, has_image, ids, labels, skipped = next(batches)
-                last = micro == grad_accum - 1
-                if fsdp:
-                    model.set_requires_gradient_sync(last)
-                with step_model.no_sync() if isinstance(step_model, DDP) and not last else nullcontext():
-                    with autocast:
-                        out = step_model([x.to(device) for x in ids], [y.to(device) for y in labels],
-                                         images.to(device) if images is not None else None, has_image, context)
-                        logits = out.logits[:, :-1].float()                        # B x L-1 x vocab: predict token t+1
-                        targets = out.labels[:, 1:]                                 # B x L-1
-                        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                               reduction="sum")
-                    scaler.scale(loss).backward()
-                loss_sum += loss.item()
-                supervised += int((targets != IGNORE).sum())
-                if out.truncated and not warned and master:
-                    print(f"warning: {out.truncated} sample(s) longer than the context of {context} tokens were truncated "
-                          "(their labels cut with them); raise --max_length or shorten the data", flush=True)
-                    warned = True
-                sums["image_tokens"] += int(out.image_tokens.sum())
-                sums["samples"] += len(ids)
-                tokens += int(out.lengths.sum())
-                sums["skipped"] += skipped
-                sums["truncated"] += out.truncated
-            # summed losses -> the mean over the step's supervised tokens on all ranks (DDP and FSDP average over
-            # ranks); a step whose answers were all truncated away keeps zero gradients, not NaN
-            all_supervised = all_reduce_sum([supervised], device)[0]
-            scaler.unscale_(optimizer)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(world_size / max(1, all_supervised))
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss, tokens, out = optimizer_step(model, step_model, optimizer, scaler, params, batches, context, sums)
+            if sums["truncated"] and not warned and master:
+                print(f"warning: {sums['truncated']} sample(s) longer than the context of {context} tokens were "
+                      "truncated (their labels cut with them); raise --max_length or shorten the data", flush=True)
+                warned = True
             step += 1
             progress.advance(tokens * world_size)  # this rank's tokens, times the ranks
             sums["tokens"] += tokens
             t1 = time.perf_counter()
-            loss = loss_sum / max(1, supervised)  # this rank's mean, for the log
             sums["loss"] += loss
             sums["time"] += t1 - t0
             sums["steps"] += 1
             if step % log_every == 0 and master:
                 print(f"stage {n} step {step}/{total_steps} {progress.report()} loss {loss:.4f} "
                       f"lr {optimizer.param_groups[0]['lr']:.2e} "
-                      f"image tokens/sample {int(out.image_tokens.sum()) / len(ids):.1f} step {1000 * (t1 - t0):.0f}ms",
+                      f"image tokens/sample {int(out.image_tokens.sum()) / len(out.lengths):.1f} step {1000 * (t1 - t0):.0f}ms",
                       flush=True)
             if step % checkpoint_every == 0:
                 write_checkpoint()
             t0 = time.perf_counter()
             if step >= total_steps:
                 break
-        k = max(1, sums["steps"])
-        totals = all_reduce_sum([sums["loss"], sums["image_tokens"], sums["samples"], sums["tokens"], sums["skipped"],
-                                 sums["truncated"]], device)
-        report = {"stage": n, "epoch": step / steps_per_epoch, "step": step, "loss": totals[0] / (k * world_size),
-                  "image_tokens_per_sample": totals[1] / max(1, totals[2]), "step_time_s": sums["time"] / k,
-                  "tokens_per_s": totals[3] / max(1e-9, sums["time"]), "peak_memory_gb": peak_memory_gb(device),
-                  "skipped_samples": int(totals[4]), "truncated_samples": int(totals[5])}
+        report = epoch_report(n, step, steps_per_epoch, sums)
         if n > 0:
             report |= evaluate(model, tok, eval_entries, eval_folder)
         log(report)
