@@ -219,7 +219,7 @@ class KeepPredictor(nn.Module):
         x = self.in_conv(x)
         local, rest = x.chunk(2, dim=2)                         # B x n x D/2 each
         policy = policy[..., None].to(x.dtype)
-        kept = policy.sum(1, keepdim=True)                      # B x 1 x 1 (clamp(min=1)'s gradient at 1 varies with torch)
+        kept = policy.sum(1, keepdim=True)                      # B x 1 x 1; where, not clamp: the count keeps its gradient
         global_ = (rest * policy).sum(1, keepdim=True) / torch.where(kept > 0, kept, 1)  # B x 1 x D/2
         return self.out_conv(torch.cat([local, global_.expand_as(rest)], 2))
 
