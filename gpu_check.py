@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from common import ArgumentParser, die
+from common import ArgumentParser, check_writable, die
 from flops import bench_row
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,13 +57,13 @@ def run_step(name, command, limit, out_dir, env=None):
     return {"command": " ".join(command), "exit": code, "seconds": round(time.time() - start, 1), "tail": tail}
 
 
-def bench(rows, key, out_dir, compress, tower="image", compile=False, varlen=True, batch_size=256, model="ViT-B-16"):
+def bench(rows, key, compress, tower="image", varlen=True, batch_size=256, model="ViT-B-16"):
     """One flops.bench_row, recorded under `key` (an exception is recorded instead of a row)."""
     os.environ["DRIP_VARLEN"] = "1" if varlen else "0"
     start = time.time()
     try:
-        rows[key] = bench_row(model, compress, 0, tower, batch_size, torch.device("cuda"), compile, steps=20, warmup=10)
-    except Exception as e:  # a compile or kernel failure is a finding, not a reason to stop the check
+        rows[key] = bench_row(model, compress, 0, tower, batch_size, torch.device("cuda"), False, steps=20, warmup=10)
+    except Exception as e:  # a kernel failure is a finding, not a reason to stop the check
         rows[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
     rows[key]["seconds"] = round(time.time() - start, 1)
     os.environ["DRIP_VARLEN"] = "1"
@@ -116,10 +116,11 @@ def main():
     parser.add_argument("--out_dir", default="out/gpu_check", help="where report.md, gpu_check.json and the logs go")
     parser.add_argument("--batch_size", type=int, default=256, help="images per benchmark step")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        die("no CUDA GPU is visible: gpu_check.py measures a GPU; run it on a machine with one")
     if args.batch_size < 1:
         die(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_writable(args.out_dir, "--out_dir")
+    if not torch.cuda.is_available():
+        die("no CUDA GPU is visible: gpu_check.py measures a GPU; run it on a machine with one")
     os.makedirs(args.out_dir, exist_ok=True)
     out_dir = os.path.abspath(args.out_dir)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
@@ -135,10 +136,10 @@ def main():
     steps["GPU tests"] = run_step("tests", [py, "-m", "pytest", "-q", "test_model.py", "-k", "gpu"], 150, out_dir)
     save()
     for c in (1, 2, 4, 10):
-        bench(rows, f"eager c{c:g}", out_dir, c, batch_size=args.batch_size)
-    bench(rows, "padded fallback c4", out_dir, 4, varlen=False, batch_size=args.batch_size)
+        bench(rows, f"eager c{c:g}", c, batch_size=args.batch_size)
+    bench(rows, "padded fallback c4", 4, varlen=False, batch_size=args.batch_size)
     for c in (1, 4):
-        bench(rows, f"clip c{c:g}", out_dir, c, tower="clip", batch_size=args.batch_size)
+        bench(rows, f"clip c{c:g}", c, tower="clip", batch_size=args.batch_size)
     save()
     clip_dir = os.path.join(out_dir, "clip_run")
     clip = [py, "train_clip.py", "--compress", "4", "--epochs", "1", "--data_dir", os.path.join(out_dir, "data")]

@@ -62,6 +62,9 @@ BAD_VALUES = [
     ("train_imagenet.py", C4 + ["--model", "ViT-B-32"], "--model ViT-B-32 contradicts"),
     ("flops.py", ["--ckpt", f"{F}/clip_c4.pt"], "--ckpt and --images go together"),
     ("gpu_check.py", [], "no CUDA GPU is visible"),
+    ("gpu_check.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
+    ("gpu_check.py", ["--batch_size", "many"], "--batch_size: invalid int value"),
+    ("gpu_check.py", ["--out_dir", f"{F}/shard.tar/report"], "--out_dir"),
     # the flag parser itself
     ("train_clip.py", ["--bogus", "1"], "unknown option --bogus"),
     ("train_clip.py", ["--epoch", "1"], "did you mean --epochs?"),

@@ -384,6 +384,30 @@ def optimizer_step(model, step_model, optimizer, scaler, params, batches, contex
     return loss_sum / max(1, supervised), tokens, out
 
 
+def stage_data(n, entries, folder, tok, image_size):
+    """The stage's dataset, this rank's sampler (None in a single process) and the optimizer steps per epoch."""
+    dataset = Conversations(entries, folder, tok, image_size, language_model=n == 0)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
+    steps_per_epoch = (len(sampler) if sampler is not None else len(dataset)) // batch_size // grad_accum
+    if steps_per_epoch == 0:
+        die(f"stage {n}: {len(entries)} samples are less than one step ({batch_size} x {grad_accum} micro-batches "
+            f"x {world_size} ranks)")
+    return dataset, sampler, steps_per_epoch
+
+
+def write_stage_checkpoint(model, optimizer, fields, path):
+    """The trainable parts and their optimizer state, gathered whole on rank 0 (a collective), with
+    `fields` (step, stage, ...) and every rank's RNG state."""
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    states = all_rng_states()
+    weights = get_model_state_dict(model, options=gather)  # the trained parts, and buffers: the frozen tower's left out
+    weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=gather)
+    if master:
+        save_checkpoint({"model": weights, "optimizer": optimizer_state, **fields, "run_config": config, "rng": states},
+                        path)
+
+
 def epoch_loader(dataset, sampler, epoch, skip, steps_per_epoch):
     """This rank's micro-batches of `epoch` in its shuffled order, those of the first `skip` steps left
     out: a run resumed inside an epoch starts at its next step without reading what it trained on."""
@@ -432,14 +456,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     token of its micro-batches on every rank, so --grad_accum 2 at batch b is batch 2b.
     """
     ckpt_path = os.path.join(stage_dir, "ckpt.pt")
-    dataset = Conversations(entries, folder, tok, model.visual.cfg.image_size, language_model=n == 0)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if dist.is_initialized() else None
-    micro_batches = (len(sampler) if sampler is not None else len(dataset)) // batch_size
-    steps_per_epoch = micro_batches // grad_accum
-
-    if steps_per_epoch == 0:
-        die(f"stage {n}: {len(entries)} samples are less than one step ({batch_size} x {grad_accum} micro-batches "
-            f"x {world_size} ranks)")
+    dataset, sampler, steps_per_epoch = stage_data(n, entries, folder, tok, model.visual.cfg.image_size)
     total_steps = total_steps or epochs * steps_per_epoch
     if max_steps:
         total_steps = min(total_steps, max_steps)
@@ -448,8 +465,6 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the sharded parameters
     optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda" and not cpu_offload)
-    # checkpoints hold the trainable parts and their optimizer state, gathered whole on rank 0
-    gather = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     step = 0
     if resume and os.path.exists(ckpt_path):
         step = load_checkpoint(ckpt_path, model, optimizer, n, sources, lora, trainable)
@@ -461,13 +476,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     context = max_length or model.llm.cfg.max_position_embeddings
 
     def write_checkpoint():
-        states = all_rng_states()
-        weights = get_model_state_dict(model, options=gather)  # the trained parts, and buffers: the frozen tower's left out
-        weights = {k: v for k, v in weights.items() if not k.startswith("visual.")}
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=gather)
-        if master:
-            save_checkpoint({"model": weights, "optimizer": optimizer_state, "step": step, "stage": n, "lora": lora,
-                             "sources": sources, "run_config": config, "rng": states}, ckpt_path)
+        write_stage_checkpoint(model, optimizer, {"step": step, "stage": n, "lora": lora, "sources": sources}, ckpt_path)
 
     progress = Progress(step, total_steps, steps_per_epoch, "tokens")
     print_stage_plan(n, model, params, progress, lr, stage_dir)
