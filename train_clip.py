@@ -33,9 +33,9 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr, die, gather_with_grad,
-                    load_weights_file, mean_over_ranks, parse_overrides,
-                    peak_memory_gb, read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+                    check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr, die,
+                    gather_with_grad, load_weights_file, mean_over_ranks, parse_overrides, peak_memory_gb,
+                    read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
                   zero_shot_templates)

@@ -34,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (Progress, all_reduce_sum, check_shared_folder, mean_over_ranks, all_rng_states, autocast_context, check_options, check_writable,
-                    classification_accuracy, cosine_lr, die, load_weights_file, parse_overrides, peak_memory_gb,
-                    read_resume_checkpoint, reducer_tag, restore_checkpoint, save_checkpoint, setup_distributed)
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_shared_folder,
+                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, mean_over_ranks,
+                    parse_overrides, peak_memory_gb, read_resume_checkpoint, reducer_tag, restore_checkpoint,
+                    save_checkpoint, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
@@ -112,8 +113,9 @@ def make_train_batches(source, image_size, steps, epoch):
         sampler = DistributedSampler(source, seed=seed, drop_last=True) if dist.is_initialized() else None
         if sampler:
             sampler.set_epoch(epoch)
+        crops = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + rank)  # each rank its own crops
         loader = DataLoader(source, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                            num_workers=workers, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + rank))  # crops differ by rank
+                            num_workers=workers, generator=crops)
         return ((images, labels, 0) for _, (images, labels) in zip(range(steps), loader))
     # shards: one resampled stream, split over ranks and workers, cut at the same step everywhere
     pipeline = wds.DataPipeline(
