@@ -9,6 +9,7 @@ template and Hugging Face LLM folders in text.py.
 import argparse
 import datetime
 import difflib
+import json
 import math
 import os
 import random
@@ -282,6 +283,38 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class EpochMeter:
+    """An epoch's running sums for its record: `add` once a step, `record` at the end of the epoch."""
+
+    def __init__(self):
+        self.values, self.steps, self.step_time, self.data_time = {}, 0, 0.0, 0.0
+
+    def add(self, step_time, data_time, **values):
+        """One step's wall and data-loading time and its values (0-dim tensors stay on the device: no sync)."""
+        self.steps += 1
+        self.step_time += step_time
+        self.data_time += data_time
+        for key, value in values.items():
+            self.values[key] = self.values.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+
+    def record(self, images_per_step, device):
+        """Each value's mean over steps and ranks, the step and data time, images/s and peak memory."""
+        n, world = max(1, self.steps), dist.get_world_size() if dist.is_initialized() else 1
+        totals = all_reduce_sum([float(v) for v in self.values.values()], device)
+        return {**{key: total / (n * world) for key, total in zip(self.values, totals)},
+                "step_time_s": self.step_time / n, "data_time_s": self.data_time / n,
+                "images_per_s": images_per_step * n / max(self.step_time, 1e-9), "peak_memory_gb": peak_memory_gb(device)}
+
+
+def log_record(record, out_dir):
+    """On rank 0: an epoch's record as one console line and one JSON line in out_dir/metrics.jsonl."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class Progress:

@@ -86,7 +86,7 @@ def targets(rows):
 def report(result, path):
     """The markdown report: machine, steps, benchmark rows, targets."""
     m = result["machine"]
-    lines = [f"# DRIP GPU check", "", f"{m['card']}, driver {m['driver']}, torch {m['torch']} (CUDA {m['cuda']}, "
+    lines = ["# DRIP GPU check", "", f"{m['card']}, driver {m['driver']}, torch {m['torch']} (CUDA {m['cuda']}, "
              f"cuDNN {m['cudnn']}), Python {m['python']}; `python gpu_check.py`, {result['date']}", "",
              "| step | exit | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {s['exit']} | {s['seconds']} |" for name, s in result["steps"].items()]

@@ -346,14 +346,14 @@ def process_tree(pid):
     return [pid] + [p for c in children for p in process_tree(c)]
 
 
-def test_fsdp_full_killed_and_resumed_equals_ddp(setup, ddp_lora_run, tmp_path):
-    """Full fine-tune under FSDP with gradient checkpointing and --grad_accum 2 at batch 2: killed
+def test_fsdp_offloaded_full_killed_and_resumed_equals_ddp(setup, ddp_lora_run, tmp_path):
+    """Full fine-tune under FSDP with CPU offload, gradient checkpointing and --grad_accum 2 at batch 2: killed
     once stage 2 has written a checkpoint, then resumed; its stage 1 equals the DDP run's, and its
     stage 2 equals an uninterrupted DDP run at batch 4 from the same projector."""
     out = tmp_path / "fsdp"
     # 5 evaluation questions at batch 2: rank 0 runs two generate calls, rank 1 one (no collective may be left waiting)
-    args = common_args(setup, out) + STEPS + ["--fsdp", "--grad_checkpointing", "--batch_size", "2", "--grad_accum", "2",
-                                             "--checkpoint_every", "1", "--eval_samples", "5"]
+    args = common_args(setup, out) + STEPS + ["--fsdp", "--cpu_offload", "--grad_checkpointing", "--batch_size", "2",
+                                             "--grad_accum", "2", "--checkpoint_every", "1", "--eval_samples", "5"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     process = subprocess.Popen(launcher + [os.path.join(HERE, "train_llava.py")] + args, cwd=HERE,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))

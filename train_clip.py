@@ -17,7 +17,6 @@ out_dir/metrics.jsonl, drawn at the end as out_dir/curves.png (plots.py); every 
 shows the percentage done, images/s and the time left. out_dir/ckpt.pt is written
 atomically every checkpoint_every steps and at the end; --resume continues from it.
 """
-import json
 import math
 import os
 import random
@@ -33,8 +32,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr, die,
-                    gather_with_grad, load_weights_file, mean_over_ranks, parse_overrides, peak_memory_gb,
+                    EpochMeter, check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr,
+                    die, gather_with_grad, load_weights_file, log_record, mean_over_ranks, parse_overrides,
                     read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
@@ -291,13 +290,6 @@ def write_checkpoint():
                          "rng": states}, ckpt_path)
 
 
-def log(record):
-    if master:
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------- training loop
 
 progress = Progress(step, min(total_steps, max_steps or total_steps), steps_per_epoch, "images")
@@ -315,7 +307,7 @@ while step < total_steps and (not max_steps or step < max_steps):
     steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
     # a fresh data stream for each (epoch, start step): a resumed run draws the rest of its epoch
     loader = train_loader(urls, model_config.image_size, steps_left, seed * 1_000_003 + epoch * 10_007 + step)
-    sums = dict(contrastive=0.0, boundary=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
+    meter = EpochMeter()
     t_data = time.perf_counter()
     for images, captions, skipped in loader:
         t_start = time.perf_counter()
@@ -338,12 +330,8 @@ while step < total_steps and (not max_steps or step < max_steps):
         progress.advance(len(images) * world_size)
         skipped_total += skipped
         t_end = time.perf_counter()
-        sums["steps"] += 1
-        sums["data_time"] += t_start - t_data
-        sums["step_time"] += t_end - t_data
-        sums["contrastive"] += contrastive.detach()
-        sums["boundary"] += vision.aux_loss.detach()
-        sums["rate"] += vision.boundary_rate
+        meter.add(t_end - t_data, t_start - t_data, train_boundary_rate=vision.boundary_rate,
+                  contrastive_loss=contrastive, boundary_loss=vision.aux_loss)
         if step % log_every == 0 and master:
             print(f"step {step}/{progress.end} {progress.report()} loss {loss.item():.4f} "
                   f"contrastive {contrastive.item():.4f} boundary {vision.aux_loss.item():.4f} "
@@ -353,19 +341,12 @@ while step < total_steps and (not max_steps or step < max_steps):
         if step % checkpoint_every == 0:
             write_checkpoint()
         t_data = time.perf_counter()
-    n = max(1, sums["steps"])
-    parts = all_reduce_sum([float(sums["contrastive"]), float(sums["boundary"]), float(sums["rate"]), skipped_total], device)
-    epoch_summary = {
-        "epoch": step / steps_per_epoch,
-        "step": step,
-        **zero_shot(raw_model, tok, val_set, names, prompts, device, autocast),
-        "train_boundary_rate": parts[2] / (n * world_size), "target_rate": target_rate,
-        "contrastive_loss": parts[0] / (n * world_size), "boundary_loss": parts[1] / (n * world_size),
-        "step_time_s": sums["step_time"] / n, "data_time_s": sums["data_time"] / n,
-        "images_per_s": batch_size * world_size * n / sums["step_time"], "peak_memory_gb": peak_memory_gb(device),
-        "skipped_samples": int(parts[3]), "logit_scale": raw_model.logit_scale.exp().item(),
-    }
-    log(epoch_summary)
+    epoch_summary = {"epoch": step / steps_per_epoch, "step": step,
+                     **zero_shot(raw_model, tok, val_set, names, prompts, device, autocast), "target_rate": target_rate,
+                     **meter.record(batch_size * world_size, device),
+                     "skipped_samples": int(all_reduce_sum([skipped_total], device)[0]),
+                     "logit_scale": raw_model.logit_scale.exp().item()}
+    log_record(epoch_summary, out_dir)
 
 write_checkpoint()
 if master and epoch_summary:

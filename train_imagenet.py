@@ -16,7 +16,6 @@ lr * backbone_lr_scale. A shard sample whose image or label cannot be read is sk
 and counted (skipped_samples). Options are the defaults below, overridden as
 --key=value or --key value.
 """
-import json
 import os
 import random
 import time
@@ -34,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_shared_folder,
-                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, mean_over_ranks,
-                    parse_overrides, peak_memory_gb, read_resume_checkpoint, reducer_tag, restore_checkpoint,
+from common import (EpochMeter, Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_shared_folder,
+                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, log_record, mean_over_ranks,
+                    parse_overrides, read_resume_checkpoint, reducer_tag, restore_checkpoint,
                     save_checkpoint, setup_distributed)
 from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
@@ -317,7 +316,7 @@ summary, skipped_total = {}, 0
 while step < total_steps and (not max_steps or step < max_steps):
     epoch = step // steps_per_epoch
     steps_left = min(steps_per_epoch - step % steps_per_epoch, (max_steps or total_steps) - step)
-    sums = dict(task=0.0, rate=0.0, step_time=0.0, data_time=0.0, steps=0)
+    meter = EpochMeter()
     t_data = time.perf_counter()
     for images, labels, skipped in make_train_batches(train_source, model_config.image_size, steps_left,
                                                       epoch * 10_007 + step):
@@ -327,11 +326,7 @@ while step < total_steps and (not max_steps or step < max_steps):
         progress.advance(len(images) * world_size)
         skipped_total += skipped
         t_end = time.perf_counter()
-        sums["steps"] += 1
-        sums["data_time"] += t_start - t_data
-        sums["step_time"] += t_end - t_data
-        sums["task"] += task.detach()
-        sums["rate"] += vision.boundary_rate
+        meter.add(t_end - t_data, t_start - t_data, train_loss=task, train_boundary_rate=vision.boundary_rate)
         if step % log_every == 0 and master:
             print(f"step {step}/{progress.end} {progress.report()} loss {loss.item():.4f} "
                   f"rate {vision.boundary_rate.item():.3f}/{1 / model_config.compress:.3f} "
@@ -339,17 +334,10 @@ while step < total_steps and (not max_steps or step < max_steps):
         if step % checkpoint_every == 0:
             write_checkpoint()
         t_data = time.perf_counter()
-    n = max(1, sums["steps"])
-    parts = all_reduce_sum([float(sums["task"]), float(sums["rate"]), skipped_total], device)
     summary = {"epoch": step / steps_per_epoch, "step": step, **evaluate(classifier, val_set, device, autocast),
-               "train_loss": parts[0] / (n * world_size), "train_boundary_rate": parts[1] / (n * world_size),
-               "target_rate": 1 / model_config.compress, "step_time_s": sums["step_time"] / n,
-               "data_time_s": sums["data_time"] / n, "images_per_s": batch_size * world_size * n / sums["step_time"],
-               "peak_memory_gb": peak_memory_gb(device), "skipped_samples": int(parts[2])}
-    if master:
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(summary) + "\n")
+               "target_rate": 1 / model_config.compress, **meter.record(batch_size * world_size, device),
+               "skipped_samples": int(all_reduce_sum([skipped_total], device)[0])}
+    log_record(summary, out_dir)
 write_checkpoint()
 if master and summary:
     plot_curves([out_dir], os.path.join(out_dir, "curves.png"))

@@ -52,8 +52,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
-                    check_shared_folder, check_writable, clip_run_dir, cosine_lr, die, load_image_tower, parse_overrides, peak_memory_gb,
-                    reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
+                    check_shared_folder, check_writable, clip_run_dir, cosine_lr, die, load_image_tower, log_record,
+                    parse_overrides, peak_memory_gb, reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
 from llama import LLAMA_CONFIGS, Llama, LoRALinear, add_lora, merge_lora
@@ -515,7 +515,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
         report = epoch_report(n, step, steps_per_epoch, sums)
         if n > 0:
             report |= evaluate(model, tok, eval_entries, eval_folder)
-        log(report)
+        log_record(report, out_dir)
     write_checkpoint()
     if dist.is_initialized():
         dist.barrier()  # the next stage reads this checkpoint on every rank
@@ -546,13 +546,6 @@ def load_checkpoint(path, model, optimizer, n, sources, lora, trainable):
     if len(rng) == world_size:
         set_rng_state(rng[rank])
     return step
-
-
-def log(record):
-    if master:
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- set-up
