@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -110,13 +111,19 @@ def _convert(key, value, default):
     return value
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the tools that take lists (flops.py, visualize.py): --help shows every default,
-    no abbreviated flags, and a bad flag stops with one line, as parse_overrides does."""
+    """argparse for the tools that take lists (flops.py, visualize.py, gpu_check.py): --help shows every
+    default, no abbreviated flags, and a bad flag stops with one line, as parse_overrides does."""
 
     def __init__(self, description):
-        super().__init__(description=description, allow_abbrev=False,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
 
     def error(self, message):
         die(f"{message} (--help lists the options)")
@@ -136,16 +143,22 @@ def check_options(config, positive=(), non_negative=(), fractions=(), choices=No
             die(f"--{key} must be in [0, 1), got {config[key]}")
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
-            die(f"--{key} must be one of {', '.join(map(str, allowed))}, got {config[key]!r}")
+            names = ", ".join('"" (empty)' if a == "" else str(a) for a in allowed)
+            die(f"--{key} must be one of {names}, got {config[key]!r}")
 
 
 def check_writable(path, flag):
-    """Refuse a folder that cannot be created or written, without creating anything."""
+    """Refuse a folder that cannot be created or written, for whatever reason, leaving nothing behind:
+    a trial folder is made (and removed) under its deepest existing parent."""
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        die(f"{flag} {path}: cannot write under {parent}" + ("" if os.path.isdir(parent) else " (a file)"))
+    if not os.path.isdir(parent):
+        die(f"{flag} {path}: cannot write under {parent} (a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        die(f"{flag} {path}: cannot write under {parent} ({e.strerror})")
 
 
 def reducer_tag(reducer):

@@ -351,8 +351,9 @@ def bench_rows(args, device):
 def parse_args():
     """The command line, every flag checked before any work."""
     parser = ArgumentParser(__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10])
+    parser.add_argument("--model", default="ViT-B-32", help="a named CLIP config: tiny, ViT-B-32, ViT-B-16, ViT-L-14, "
+                        "ViT-L-14-336")
+    parser.add_argument("--compress", type=float, nargs="+", default=[1, 2, 4, 10], help="compressions, 1 = plain ViT")
     parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
     parser.add_argument("--reducer", nargs="+", default=["drip"], choices=REDUCERS,
                         help="ways to shorten the tower, each at DRIP's analytic MACs")
@@ -361,20 +362,21 @@ def parse_args():
     parser.add_argument("--runs", nargs="+", help="instead: finished train_clip.py run folders, accuracy against GFLOPs")
     parser.add_argument("--plot", help="with --runs: a PNG of top-1 against analytic image-tower GFLOPs, a line per reducer")
     parser.add_argument("--images", help="folder of images for --ckpt")
-    parser.add_argument("--max_images", type=int, default=50)
+    parser.add_argument("--max_images", type=int, default=50, help="images of --images counted with --ckpt")
     parser.add_argument("--llm_model", help="LLaVA's language model, a named Llama config (e.g. vicuna-7b): "
                         "adds the LLaVA cost per image")
     parser.add_argument("--llm", help="... or a Hugging Face Llama directory (its config.json)")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="text tokens of the prompt besides the image: "
                         "Vicuna's system prompt (~32), a short question and LLaVA-1.5's answer-format line")
-    parser.add_argument("--projector", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu")
+    parser.add_argument("--projector", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu", help="LLaVA's projector")
     parser.add_argument("--feature_layer", type=int, default=-2, help="the block LLaVA reads image tokens from")
     parser.add_argument("--bench", action="store_true", help="also time training steps and measure memory")
-    parser.add_argument("--tower", choices=["image", "clip"], default="image")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tower", choices=["image", "clip"], default="image",
+                        help="--bench times the image tower, or the CLIP step (image and text tower)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per --bench step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where --bench runs")
+    parser.add_argument("--compile", action="store_true", help="--bench with torch.compile")
+    parser.add_argument("--steps", type=int, default=20, help="timed --bench steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first: on GPU each new padded length "
                         "builds a cuDNN attention plan once, which a long run pays only at its start")
     args = parser.parse_args()

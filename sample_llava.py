@@ -25,6 +25,7 @@ unchanged (for ScienceQA's JSON the prompt starts with "<image>\\n" where there 
 image, as model_vqa_science writes it). answer_id is a UUID made from model_id and
 question_id (LLaVA draws a random one), so a rerun writes the same file.
 """
+import glob
 import json
 import os
 import uuid
@@ -41,7 +42,7 @@ from text import load_llama, tokenize_conversation
 _before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
 # defaults
-out_dir = "out/llava_c1"    # train_llava.py's output folder: its stage 2 checkpoint is used, else stage 1's
+out_dir = ""                # train_llava.py's output folder (its stage 2 checkpoint, else stage 1's); empty = the newest run under out/
 ckpt = ""                   # a train_llava.py stage checkpoint instead of the newest one in out_dir
 image = ""                  # the image asked about; empty = a text-only prompt
 prompt = ""                 # the user's question
@@ -124,6 +125,14 @@ if missing:  # checked on every rank before any work: all stop together, nothing
     die(f"{len(missing)} image(s) of {question_file} not found under --image_folder {image_folder or '.'}, e.g. {missing[0]}")
 rank, world_size, device = setup_distributed()
 dtype, autocast = autocast_context(device, dtype, ("bfloat16", "float16", "float32"))
+if not out_dir and not ckpt:  # the run train_llava.py wrote last
+    runs = sorted(glob.glob(os.path.join("out", "*", "stage[12]", "ckpt.pt")), key=os.path.getmtime)
+    if not runs:
+        die("no LLaVA checkpoint under out/; run `python train_llava.py` first, or give --out_dir or --ckpt")
+    out_dir = os.path.dirname(os.path.dirname(runs[-1]))
+    if rank == 0:
+        print(f"the newest LLaVA run: {out_dir}", flush=True)
+out_dir = out_dir or os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
 ckpt = ckpt or next((p for p in (os.path.join(out_dir, f"stage{s}", "ckpt.pt") for s in (2, 1)) if os.path.isfile(p)), "")
 if not os.path.isfile(ckpt):
     die(f"no LLaVA checkpoint under {out_dir}; run `python train_llava.py` first, or give --out_dir or --ckpt")

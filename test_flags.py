@@ -62,6 +62,8 @@ BAD_VALUES = [
     ("train_imagenet.py", C4 + ["--model", "ViT-B-32"], "--model ViT-B-32 contradicts"),
     ("flops.py", ["--ckpt", f"{F}/clip_c4.pt"], "--ckpt and --images go together"),
     ("gpu_check.py", [], "no CUDA GPU is visible"),
+    ("train_clip.py", ["--data_dir", "/proc/forbidden"], "--data_dir /proc/forbidden: cannot write under /proc"),
+    ("train_imagenet.py", ["--reducer", "pooling"], '--reducer must be one of "" (empty), drip, uniform'),
     ("gpu_check.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
     ("gpu_check.py", ["--batch_size", "many"], "--batch_size: invalid int value"),
     ("gpu_check.py", ["--out_dir", f"{F}/shard.tar/report"], "--out_dir"),
@@ -198,7 +200,7 @@ BAD_VALUES = [
     ("train_llava.py", ["--cpu_offload"], "add --fsdp"),
     # sample_llava.py, every option
     ("sample_llava.py", ["--prompt", ""], "give --prompt"),
-    ("sample_llava.py", ["--prompt", "hi"], "no LLaVA checkpoint under out/llava_c1"),
+    ("sample_llava.py", ["--prompt", "hi"], "no LLaVA checkpoint under out/; run `python train_llava.py` first"),
     ("sample_llava.py", ["--prompt", "hi", "--out_dir", f"{F}/empty"], "no LLaVA checkpoint under"),
     ("sample_llava.py", ["--prompt", "hi", "--ckpt", f"{F}/notes.txt"], "is not a train_llava.py checkpoint"),
     ("sample_llava.py", ["--prompt", "hi", "--ckpt", f"{F}/clip_c4.pt"], "is not a train_llava.py checkpoint"),
@@ -334,6 +336,19 @@ def test_help_prints_every_option_with_its_default(results, index):
         assert "\n".join(defaults(SCRIPTS[index])[0]) in result["stdout"]  # the defaults block, comments included
     else:
         assert "--batch_size" in result["stdout"] or "--ckpt" in result["stdout"]
+
+
+@pytest.mark.parametrize("index", range(4, len(SCRIPTS)), ids=SCRIPTS[4:])
+def test_every_option_of_the_argparse_scripts_has_help(results, index):
+    """Each option's entry in --help has help text after its name (on its line or the next), and no
+    '(default: None)' is printed."""
+    lines = results[len(CASES) + index]["stdout"].split("options:")[1].splitlines()
+    entries = [i for i, line in enumerate(lines) if line.startswith("  -") or line.startswith("  images")]
+    assert len(entries) >= 3  # --help and at least two options
+    for i in entries:
+        has_help = "  " in lines[i].strip() or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 10))
+        assert has_help, lines[i]
+    assert "(default: None)" not in results[len(CASES) + index]["stdout"]
 
 
 ANY_VALUE = {"sample_llava.py": {"model_id"}}  # options for which no value is wrong

@@ -24,9 +24,20 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def visualize(*args):
+def visualize(*args, cwd=HERE):
     return subprocess.run([sys.executable, os.path.join(HERE, "visualize.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
+                          timeout=120, cwd=cwd)
+
+
+def test_without_out_dir_the_data_folder_is_left_as_it_was(checkpoint, tmp_path):
+    """A picture written next to a validation image would be read back as data: the default is out/visualize."""
+    data = tmp_path / "data" / "val" / "red_ring"
+    data.mkdir(parents=True)
+    make_shape_image(random.Random(0), 3, size=48)[0].save(data / "0000.jpg")
+    result = visualize(str(data / "0000.jpg"), "--ckpt", checkpoint, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(data) == ["0000.jpg"]
+    assert (tmp_path / "out" / "visualize" / "0000_drip.png").is_file()
 
 
 def test_renders_png_of_expected_size(checkpoint, tmp_path):
@@ -44,10 +55,11 @@ def test_renders_png_of_expected_size(checkpoint, tmp_path):
 def test_unreadable_file_is_reported_and_others_render(checkpoint, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     make_shape_image(random.Random(1), 5, size=48)[0].save(tmp_path / "good.jpg")
-    result = visualize(str(tmp_path / "broken.jpg"), str(tmp_path / "good.jpg"), "--ckpt", checkpoint)
+    result = visualize(str(tmp_path / "broken.jpg"), str(tmp_path / "good.jpg"), "--ckpt", checkpoint,
+                       "--out_dir", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: cannot read") and "broken.jpg" in result.stderr
-    assert (tmp_path / "good_drip.png").exists() and not (tmp_path / "broken_drip.png").exists()
+    assert (tmp_path / "out" / "good_drip.png").exists() and not (tmp_path / "out" / "broken_drip.png").exists()
 
 
 def test_stats_and_object_ratio(checkpoint, tmp_path):

@@ -7,7 +7,8 @@
     python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
     python visualize.py img.jpg --reducer uniform              # newest checkpoint of train_clip.py --reducer uniform
 
-PNGs go next to each image (name_drip.png) or into --out_dir DIR; the --stats histogram
+PNGs go to --out_dir (default out/visualize, never next to the image: a picture written into a
+dataset folder would be read back as data); the --stats histogram
 (segments_histogram.png, plots.py) into the checkpoint's run folder or --out_dir DIR. Images
 are preprocessed as in training (EXIF orientation, RGB, resize + centre crop). An
 unreadable image is reported and skipped; the others still render. Towers with segment
@@ -118,7 +119,7 @@ def render_file(path, models, out_dir, sample, seed):
         sheet.paste(panel, (x, 0))
         x += panel.width + 8
     stem = os.path.splitext(os.path.basename(path))[0] + "_drip.png"
-    target = os.path.join(out_dir or os.path.dirname(os.path.abspath(path)), stem)
+    target = os.path.join(out_dir, stem)
     sheet.save(target)
     return target
 
@@ -176,11 +177,12 @@ def object_ratio(model, images, seed=0):
 
 def main():
     parser = ArgumentParser(__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="*")
+    parser.add_argument("images", nargs="*", help="images to draw")
     parser.add_argument("--ckpt", action="append", help="train_clip.py checkpoint; repeat for side-by-side panels")
-    parser.add_argument("--out_dir", help="folder for the PNGs (default: next to each image)")
+    parser.add_argument("--out_dir", help="folder for the PNGs (out/visualize if not given) and the --stats "
+                        "histogram (the checkpoint's run folder if not given)")
     parser.add_argument("--sample", action="store_true", help="Gumbel samples instead of the deterministic eval rule")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="the Gumbel samples' seed, with --sample")
     parser.add_argument("--stats", metavar="DIR", help="histogram of segments per image over a folder")
     parser.add_argument("--object_ratio", type=int, metavar="N", help="boundary/object ratio on N generated shapes")
     parser.add_argument("--reducer", default="drip", choices=["drip", "uniform"],
@@ -206,12 +208,13 @@ def main():
         if model.cfg.reducer not in ("drip", "uniform"):
             die(f"that checkpoint's tower shortens with {model.cfg.reducer}, which has no segment boundaries to draw "
                 "(drip and uniform have)")
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
+    images_dir = args.out_dir or "out/visualize"
+    if args.images:
+        os.makedirs(images_dir, exist_ok=True)
     failed = 0
     for path in args.images:
         try:
-            print(render_file(path, models, args.out_dir, args.sample, args.seed))
+            print(render_file(path, models, images_dir, args.sample, args.seed))
         except (OSError, UnidentifiedImageError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             failed += 1
