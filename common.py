@@ -321,11 +321,13 @@ class EpochMeter:
                 "images_per_s": images_per_step * n / max(self.step_time, 1e-9), "peak_memory_gb": peak_memory_gb(device)}
 
 
-def log_record(record, out_dir):
-    """On rank 0: an epoch's record as one console line and one JSON line in out_dir/metrics.jsonl."""
+def log_record(record, out_dir, echo=True):
+    """On rank 0: a record (an epoch's, or a log line's) as one JSON line in out_dir/metrics.jsonl
+    and, with echo, one console line."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    if echo:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 

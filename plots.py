@@ -1,11 +1,12 @@
 """Every plot of the project, drawn with matplotlib (Agg backend: no display needed).
 
     python plots.py out/clip_tiny_c1                                  # -> out/clip_tiny_c1/curves.png
-    python plots.py out/clip_tiny_c1 out/clip_tiny_c4 --out curves.png  # two runs overlaid
+    python plots.py out/clip_tiny_c1 out/clip_tiny_c4                 # two runs overlaid -> out/curves.png
 
 The command turns the metrics.jsonl of one or more runs of train_clip.py, train_imagenet.py
 or train_llava.py into training curves (loss, accuracy, boundary rate against its target,
-step time, throughput, peak memory; one colour per run, per LLaVA stage). The functions are
+step time, throughput, peak memory; one colour per run, per LLaVA stage, whose loss and
+speed are drawn per log line and whose stages follow each other). The functions are
 used by the scripts: plot_lr_find (train_imagenet.py --lr_find), plot_segment_histogram
 (visualize.py --stats), plot_curves (the end of every training run), plot_accuracy_vs_gflops
 (method comparisons). Each returns its Figure after writing the PNG (atomically).
@@ -149,9 +150,11 @@ LEGEND_HEIGHT = 0.6       # inches below the panels for the runs' legend
 def read_metrics(run):
     """A run folder (or its metrics.jsonl) -> {series name: records in step order}.
 
-    One series per run, or per stage for train_llava.py. When a run was restarted or resumed
-    into the same folder, a record replaces the earlier ones from its step on, so the newest
-    run's history is what is drawn.
+    One series per run, or per stage for train_llava.py, whose stages are laid end to end: a
+    record's "x" is its epoch plus the epochs of the stages before it ("epoch" alone
+    otherwise). When a run was restarted or resumed into the same folder, a record replaces
+    the earlier ones of its kind (epoch or log line) from its step on, so the newest run's
+    history is what is drawn.
     """
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     name = os.path.normpath(os.path.dirname(path) if path.endswith("metrics.jsonl") else path)
@@ -170,19 +173,28 @@ def read_metrics(run):
                     or not isinstance(record.get("step"), int):
                 die(f"{path} line {n} has no epoch and step; is it a metrics.jsonl of a training script?")
             key = f"{name} stage {record['stage']}" if "stage" in record else name
-            kept = [r for r in series.get(key, []) if r["step"] < record["step"]]
+            kept = [r for r in series.get(key, []) if r["step"] < record["step"] or r.get("log") != record.get("log")]
             series[key] = kept + [record]
     if not series:
         die(f"{path} is empty: no epoch of that run has finished yet")
+    offset = 0.0
+    for key in sorted(series, key=lambda k: series[k][0].get("stage", 0)):
+        for record in series[key]:
+            record["x"] = offset + record["epoch"]
+        if "stage" in series[key][0]:
+            offset += max(r["epoch"] for r in series[key])
     return series
 
 
 def curve(records, key):
-    """(epochs, values) of one metric of one series; nothing for the boundary rate of a plain
-    ViT (compress 1: every patch its own segment, no boundaries to learn)."""
+    """(x, values) of one metric of one series: from the log-line records where they have it
+    (train_llava.py's loss, step time, throughput), else from the epoch records; nothing for
+    the boundary rate of a plain ViT (compress 1: every patch its own segment, no boundaries
+    to learn)."""
     if key in RATE_KEYS and all(r.get("target_rate") == 1 for r in records):
         return []
-    return [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    has = [r for r in records if isinstance(r.get(key), (int, float))]
+    return [(r["x"], r[key]) for r in [r for r in has if r.get("log")] or has]
 
 
 def plot_curves(runs, path, title=None):
@@ -202,6 +214,7 @@ def plot_curves(runs, path, title=None):
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + LEGEND_HEIGHT), layout="constrained")
     colours = {name: f"C{i % 10}" for i, name in enumerate(series)}
+    staged = any("stage" in records[0] for records in series.values())
     for i, (panel_title, ylabel, lines, from_zero) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for name, records in series.items():
@@ -215,7 +228,7 @@ def plot_curves(runs, path, title=None):
         if from_zero:
             ax.set_ylim(0, 1.08 * ax.dataLim.y1)
         ax.set_title(panel_title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (stages end to end)" if staged else "epoch")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     fig.legend([Line2D([], [], color=colours[name], marker="o") for name in series], list(series),
@@ -227,11 +240,12 @@ def plot_curves(runs, path, title=None):
 def main():
     parser = argparse.ArgumentParser(description="Training curves of one or more runs, from their metrics.jsonl.")
     parser.add_argument("runs", nargs="+", help="run folders (out_dir of a training script) or metrics.jsonl files")
-    parser.add_argument("--out", help="PNG to write (default: curves.png in the run's folder, or here for several runs)")
+    parser.add_argument("--out", help="PNG to write (default: curves.png in the run's folder, or out/curves.png for "
+                                      "several runs)")
     parser.add_argument("--title", help="figure title (default: the runs' names)")
     args = parser.parse_args()
     out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 and os.path.isdir(args.runs[0])
-                       else "curves.png")
+                       else os.path.join("out", "curves.png"))
     plot_curves(args.runs, out, args.title)
     print(out)
 

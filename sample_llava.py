@@ -23,7 +23,9 @@ order, one JSON line per question as LLaVA writes them: {"question_id", "prompt"
 "answer_id", "model_id", "metadata": {}}, so the benchmarks' official scorers read it
 unchanged (for ScienceQA's JSON the prompt starts with "<image>\\n" where there is an
 image, as model_vqa_science writes it). answer_id is a UUID made from model_id and
-question_id (LLaVA draws a random one), so a rerun writes the same file.
+question_id (LLaVA draws a random one), so a rerun writes the same file. A file of LLaVA's
+conversations with answers (train_llava.py's --eval_data, data/shapes_llava/val.json) is also
+scored by exact match with its first answers, as train_llava.py's evaluation scores it.
 """
 import glob
 import json
@@ -34,10 +36,9 @@ import torch
 import torch.distributed as dist
 
 from common import Progress, autocast_context, check_writable, die, load_image_tower, parse_overrides, setup_distributed
-from data import image_transform, load_image
 from llama import add_lora
 from model import LLaVA
-from text import load_llama, tokenize_conversation
+from text import answer_questions, exact_match, load_llama
 
 _before = set(globals())  # what the defaults block below adds are the script's options
 # -----------------------------------------------------------------------------
@@ -62,8 +63,9 @@ SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices dir
 
 
 def read_questions(path):
-    """LLaVA's question file -> [{"question_id", "image" or None, "text", "science"}], checked; a bad entry
-    stops the run. science marks ScienceQA's JSON, whose answers' prompt LLaVA starts with "<image>\\n"."""
+    """LLaVA's question file -> [{"question_id", "image" or None, "text", "science", "kind", "expected"}],
+    checked; a bad entry stops the run. science marks ScienceQA's JSON (LLaVA's conversations), whose
+    answers' prompt LLaVA starts with "<image>\\n"; its first answer is `expected` (else None)."""
     try:
         with open(path) as f:
             content = f.read()
@@ -79,32 +81,17 @@ def read_questions(path):
         if isinstance(entry, dict) and "conversations" in entry:  # ScienceQA's LLaVA JSON: the first human turn
             turns = entry["conversations"]
             text = turns[0].get("value") if turns and isinstance(turns[0], dict) else None
-            entry = {"question_id": entry.get("id"), "image": entry.get("image"), "science": True,
-                     "text": text.replace("<image>", "").strip() if isinstance(text, str) else None}
+            answer = turns[1].get("value") if len(turns) > 1 and isinstance(turns[1], dict) else None
+            entry = {"question_id": entry.get("id"), "image": entry.get("image"), "science": True, "kind": entry.get("kind"),
+                     "text": text.replace("<image>", "").strip() if isinstance(text, str) else None, "expected": answer}
         if not isinstance(entry, dict) or entry.get("question_id") is None or not isinstance(entry.get("text"), str):
             die(f"{path}: entry {n + 1} has no question_id and text (or id and conversations)")
         questions.append({"question_id": entry["question_id"], "image": entry.get("image"), "text": entry["text"],
-                          "science": entry.get("science", False)})
+                          "science": entry.get("science", False), "kind": entry.get("kind"),
+                          "expected": entry.get("expected")})
     if not questions:
         die(f"{path} holds no questions")
     return questions
-
-
-def answer_batch(model, tok, questions, device):
-    """Greedy answers (strings) to a batch of questions, each asked as LLaVA asks it."""
-    transform = image_transform(model.visual.cfg.image_size)
-    ids, pixels = [], []
-    for q in questions:
-        ids.append(tokenize_conversation(tok, [{"from": "human", "value": ("<image>\n" if q["image"] else "") + q["prompt"]}])[0].to(device))
-        if q["image"]:
-            try:
-                pixels.append(transform(load_image(os.path.join(image_folder, q["image"]))))
-            except OSError as e:
-                die(f"question {q['question_id']}: cannot read image {q['image']} under --image_folder ({e})")
-    images = torch.stack(pixels).to(device) if pixels else None  # the images of the questions that have one, in order
-    with torch.no_grad(), autocast:
-        answers = model.generate(ids, images, [bool(q["image"]) for q in questions], max_new_tokens)
-    return [tok.decode(a).strip() for a in answers]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -156,7 +143,11 @@ model.to(device).eval()
 # ----------------------------------------------------------------------------- one prompt
 
 if not question_file:
-    print(answer_batch(model, tok, [{"question_id": 0, "image": image and os.path.abspath(image), "prompt": prompt}], device)[0])
+    answer, = answer_questions(model, tok, [(prompt, image and os.path.abspath(image))], "", device, autocast,
+                               max_new_tokens)
+    if answer is None:
+        die(f"cannot read the image {image}")
+    print(answer)
     raise SystemExit(0)
 
 # ----------------------------------------------------------------------------- a benchmark's question file
@@ -175,7 +166,11 @@ if rank == 0:
           f"a rank, {device} {dtype}", flush=True)
 for start in range(0, len(mine), batch_size):
     batch = mine[start:start + batch_size]
-    answered += zip(batch, answer_batch(model, tok, [questions[i] for i in batch], device))
+    answers = answer_questions(model, tok, [(questions[i]["prompt"], questions[i]["image"]) for i in batch], image_folder,
+                               device, autocast, max_new_tokens)
+    if None in answers:
+        die(f"question {questions[batch[answers.index(None)]]['question_id']}: cannot read its image under --image_folder")
+    answered += zip(batch, answers)
     progress.advance(len(batch) * world_size)
     if rank == 0:
         print(f"batch {progress.step}/{batches} {progress.report()}", flush=True)
@@ -194,5 +189,10 @@ if rank == 0:
                                 "model_id": model_id, "metadata": {}}) + "\n")
     os.replace(tmp, answers_file)  # a crash never leaves half an answers file
     print(f"{len(questions)} answers written to {answers_file}")
+    if all(isinstance(q["expected"], str) for q in questions):  # LLaVA's training JSON: scored as train_llava.py scores it
+        score = exact_match([text_of[i] for i in range(len(questions))], [q["expected"] for q in questions],
+                            [q["kind"] for q in questions])
+        print("against the file's first answers: " + " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in score.items()))
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -239,9 +239,10 @@ def common_args(root, out):
             "--log_every", "1", "--max_new_tokens", "3", "--max_length", "100"]
 
 
-def records(out):
+def records(out, log=False):
+    """The epoch records of a run's metrics.jsonl (with log=True, those of its log lines)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if r.get("log", False) == log]
 
 
 # the 2-rank runs compare DDP with FSDP; --grad_accum 2 at batch 2 on one side, batch 4 on the other
@@ -266,6 +267,9 @@ def test_both_stages_two_ranks_compress_4_then_sample(setup, ddp_lora_run):
     assert (out / "curves.png").exists()
     assert "global batch 2 x 2 micro-batches x 2 rank(s) = 8" in result.stdout
     stage1, stage2 = records(out)
+    logged = records(out, log=True)  # a record per log line (every step here), for the curves
+    assert [(r["stage"], r["step"]) for r in logged] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and 0 < r["image_tokens_per_sample"] < 18 for r in logged)
     assert (stage1["stage"], stage1["step"], stage2["stage"], stage2["step"]) == (1, 3, 2, 3)
     for r in (stage1, stage2):
         assert 0 < r["image_tokens_per_sample"] < 36 / 2  # compress 4: about 9 of 36 patches
@@ -412,20 +416,49 @@ def test_bad_entries_stop_with_one_line(setup, tmp_path, entry, message):
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def varied_llava(tokenizer_file, llm_dir):
+    """A compress-4 LLaVA whose random weights are large enough that its answers depend on the
+    question and the image (the small init gives one answer whatever it is asked); its LLM
+    written to llm_dir."""
+    torch.manual_seed(1)
+    llm = Llama(replace(LLAMA_CONFIGS["tiny"], vocab_size=120))  # the tokenizer's 120 pieces: every answer decodes
+    model = LLaVA(CLIP(make_config("tiny", compress=4)).visual, llm)
+    with torch.no_grad():
+        for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
+            if "norm" not in name:
+                p.normal_(0, 1.0 if "embed" in name else 0.3)
+    save_llama(model.llm, tokenizer_file, str(llm_dir))
+    return model
+
+
+def test_evaluation_and_sample_llava_answer_and_score_alike(setup, tokenizer_file, tmp_path):
+    """train_llava.py's evaluation (2 ranks, batch 2) and sample_llava.py on the same questions
+    (1 rank, batch 16) give the same answer to every question and the same exact match."""
+    varied_llava(tokenizer_file, tmp_path / "llm")
+    args = common_args(setup, tmp_path / "run")
+    args[args.index("--llm") + 1] = str(tmp_path / "llm")
+    run(args + ["--stage", "1", "--max_steps", "1", "--batch_size", "2"], nproc=2)
+    evaluated = [json.loads(line) for line in (tmp_path / "run" / "stage1" / "eval_answers.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in evaluated) == [str(i) for i in range(6)]
+    assert all(e["expected"].startswith("the shape is ") and e["question"] == "<image>\nwhere is the green ring"
+               for e in evaluated)
+    result = run(["--out_dir", str(tmp_path / "run"), "--question_file", str(setup / "eval.json"), "--image_folder",
+                  str(setup / "images"), "--max_new_tokens", "3", "--answers_file", str(tmp_path / "sampled.jsonl")],
+                 script="sample_llava.py")
+    sampled = {a["question_id"]: a["text"] for a in map(json.loads, (tmp_path / "sampled.jsonl").read_text().splitlines())}
+    assert {e["id"]: e["answer"] for e in evaluated} == sampled
+    assert len(set(sampled.values())) > 1  # answers that depend on the image: a real comparison
+    score = float(re.search(r"exact_match ([\d.]+) eval_questions 6", result.stdout).group(1))
+    assert score == pytest.approx(records(tmp_path / "run")[-1]["exact_match"], abs=0.01)
+
+
 # ----------------------------------------------------------------------------- benchmark answer files (sample_llava.py)
 
 def test_question_file_answered_in_order_the_same_on_one_and_two_ranks(setup, tokenizer_file):
     """LLaVA's question file (JSON lines) on 1 rank and the same questions as ScienceQA's JSON list on
     2 ranks, batched differently: every question answered once, in order, LLaVA's fields, same answers."""
     root = setup / "answering"
-    torch.manual_seed(1)
-    llm = Llama(replace(LLAMA_CONFIGS["tiny"], vocab_size=120))  # the tokenizer's 120 pieces: every answer decodes
-    model = LLaVA(CLIP(make_config("tiny", compress=4)).visual, llm)
-    with torch.no_grad():  # larger weights: the small init gives one answer whatever it is asked
-        for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
-            if "norm" not in name:
-                p.normal_(0, 1.0 if "embed" in name else 0.3)
-    save_llama(model.llm, tokenizer_file, str(root / "llm"))
+    model = varied_llava(tokenizer_file, root / "llm")
     run_config = {"model": "tiny", "compress": 4.0, "quick_gelu": False, "projector": "mlp2x_gelu", "feature_layer": -2}
     os.makedirs(root / "run" / "stage2")
     torch.save({"model": {"projector." + k: v for k, v in model.projector.state_dict().items()}, "run_config": run_config,

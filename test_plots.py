@@ -59,15 +59,30 @@ def test_curves_of_imagenet_and_llava_runs(tmp_path):
         {"epoch": e, "step": 5 * e, "top1": 30.0 * e, "top5": 90.0, "eval_boundary_rate": 0.25, "eval_images": 72,
          "train_loss": 3.0 / e, "train_boundary_rate": 0.24, "target_rate": 0.25, "step_time_s": 0.2,
          "data_time_s": 0.01, "images_per_s": 600.0, "peak_memory_gb": 0.5} for e in (1, 2)])
-    llava = [{"stage": s, "epoch": 1.0, "step": 100, "loss": 2.0 / (s + 1), "image_tokens_per_sample": 9.0 * (s > 0),
-              "step_time_s": 0.4, "tokens_per_s": 9000.0, "peak_memory_gb": 1.2, "skipped_samples": 0,
-              "truncated_samples": 0} | ({"exact_match": 60.0} if s else {}) for s in (0, 1, 2)]
+    llava = []  # train_llava.py's: a record per log line (every 20 of 100 steps), then the epoch's
+    for s, epochs in ((0, 0.5), (1, 1.0), (2, 1.0)):
+        llava += [{"stage": s, "epoch": epochs * step / 100, "step": step, "log": True, "loss": 2.0 / (s + 1) - step / 1000,
+                   "lr": 1e-3, "image_tokens_per_sample": 9.0 * (s > 0), "step_time_s": 0.4, "tokens_per_s": 9000.0}
+                  for step in range(20, 101, 20)]
+        llava.append({"stage": s, "epoch": epochs, "step": 100, "loss": 1.9 / (s + 1), "image_tokens_per_sample": 9.0 * (s > 0),
+                      "step_time_s": 0.4, "tokens_per_s": 9000.0, "peak_memory_gb": 1.2, "skipped_samples": 0,
+                      "truncated_samples": 0} | ({"exact_match": 30.0 * s} if s else {}))
     llava_run = write_run(tmp_path / "llava", llava)
     fig = plot_curves([llava_run], str(tmp_path / "llava.png"))
     assert png_size(tmp_path / "llava.png") == (1260, 660)
-    assert {ax.get_title() for ax in fig.axes} == {"training loss", "accuracy", "image tokens per sample",
-                                                   "step time", "throughput", "peak memory"}
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert set(panels) == {"training loss", "accuracy", "image tokens per sample", "step time", "throughput",
+                           "peak memory"}
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [f"{llava_run} stage {s}" for s in (0, 1, 2)]
+    # the loss a line per stage through its log lines (not the epoch's mean), the stages end to end
+    loss = panels["training loss"].get_lines()
+    assert [list(line.get_xdata()) for line in loss] == [[0.1, 0.2, 0.3, 0.4, 0.5], [0.7, 0.9, 1.1, 1.3, 1.5],
+                                                         [1.7, 1.9, 2.1, 2.3, 2.5]]
+    assert list(loss[1].get_ydata()) == [1.0 - step / 1000 for step in range(20, 101, 20)]
+    # exact match once a stage, at its end
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in panels["accuracy"].get_lines()] == \
+        [([1.5], [30.0]), ([2.5], [60.0])]
+    assert panels["accuracy"].get_xlabel() == "epoch (stages end to end)"
     fig = plot_curves([imagenet], str(tmp_path / "imagenet.png"))
     assert png_size(tmp_path / "imagenet.png") == (1260, 660)
     accuracy = next(ax for ax in fig.axes if ax.get_title() == "accuracy")

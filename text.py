@@ -1,7 +1,8 @@
 """Text: tokenizers for the CLIP text tower (a BPE trained on captions, or CLIP's own),
 zero-shot prompts (CLIP's ImageNet class names and templates) and classifier, and for
 LLaVA a language model's tokenizer, Hugging Face Llama directories (load and save), an
-offline sentencepiece trainer and Vicuna's conversation template.
+offline sentencepiece trainer, Vicuna's conversation template, and the one way a question
+is asked and its answer scored (train_llava.py's evaluation and sample_llava.py).
 """
 import gzip
 import io
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from common import die, load_weights_file, save_checkpoint
+from data import image_transform, load_image
 from llama import Llama, llama_config_from_hf, load_llama_state_dict
 from model import IGNORE, IMAGE_TOKEN
 # -----------------------------------------------------------------------------
@@ -261,3 +263,46 @@ def tokenize_conversation(tok, turns):
             a = tok.encode(" " + turns[i + 1]["value"]) + [tok.eos_token_id]
             ids, labels = ids + a, labels + a
     return torch.tensor(ids), torch.tensor(labels)
+
+
+# ----------------------------------------------------------------------------- asking LLaVA, scoring its answers
+
+@torch.no_grad()
+def answer_questions(model, tok, questions, image_folder, device, autocast, max_new_tokens):
+    """Greedy answers to a batch of questions [(text without "<image>", image path under
+    image_folder, or None)], each asked as LLaVA asks it: "<image>\\n" + text as the user's turn
+    of Vicuna-v1's template. The one path of train_llava.py's evaluation and of
+    sample_llava.py. Returns stripped strings; None for a question whose image cannot be read
+    (a warning names it)."""
+    transform = image_transform(model.visual.cfg.image_size)
+    kept, ids, pixels, has_image = [], [], [], []
+    for i, (text, image) in enumerate(questions):
+        if image:
+            try:
+                pixels.append(transform(load_image(os.path.join(image_folder, image))))
+            except OSError as e:
+                print(f"warning: cannot read {os.path.join(image_folder, image)} ({type(e).__name__}); not answered",
+                      flush=True)
+                continue
+        ids.append(tokenize_conversation(tok, [{"from": "human", "value": ("<image>\n" if image else "") + text}])[0]
+                   .to(device))
+        kept.append(i)
+        has_image.append(bool(image))
+    answers = [None] * len(questions)
+    if kept:
+        with autocast:
+            generated = model.generate(ids, torch.stack(pixels).to(device) if pixels else None, has_image, max_new_tokens)
+        for i, tokens in zip(kept, generated):
+            answers[i] = tok.decode(tokens).strip()
+    return answers
+
+
+def exact_match(answers, expected, kinds):
+    """The evaluation's score: the percentage of answers equal to the expected answer (both
+    stripped), overall and per kind (None: no kind); None answers (unreadable images) left out."""
+    scored = [(a == e.strip(), k) for a, e, k in zip(answers, expected, kinds) if a is not None]
+    result = {"exact_match": 100 * sum(c for c, _ in scored) / max(1, len(scored)), "eval_questions": len(scored)}
+    for kind in sorted({k for _, k in scored if k is not None}):
+        of_kind = [c for c, k in scored if k == kind]
+        result[f"exact_match_{kind}"] = 100 * sum(of_kind) / len(of_kind)
+    return result

@@ -55,7 +55,8 @@ from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, 
                     check_shared_folder, check_writable, clip_run_dir, cosine_lr, die, load_image_tower, log_record,
                     parse_overrides, peak_memory_gb, reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
-from text import SYSTEM, TextTokenizer, load_llama, save_llama, tokenize_conversation, train_sentencepiece
+from text import (SYSTEM, TextTokenizer, answer_questions, exact_match, load_llama, save_llama, tokenize_conversation,
+                  train_sentencepiece)
 from llama import LLAMA_CONFIGS, Llama, LoRALinear, add_lora, merge_lora
 from model import CONFIGS, IGNORE, LLaVA
 from plots import plot_curves
@@ -309,37 +310,33 @@ def write_llm_directory(llava, lora, tok, path):
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def evaluate(model, tok, entries, folder):
-    """Exact match of the greedy answer to the first question with the expected first answer,
-    overall and per "kind"; each rank answers every world_size-th entry."""
+def evaluate(model, tok, entries, folder, path):
+    """Exact match of the greedy answer to each entry's first question with its first answer,
+    overall and per "kind" (text.exact_match); each rank answers every world_size-th entry.
+    Every question with its answer goes to `path` (JSON lines), for reading what it got wrong."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    entries = entries[:eval_samples or None]
-    prompts = [dict(e, conversations=e["conversations"][:1]) for e in entries]
-    shard = torch.utils.data.Subset(Conversations(prompts, folder, tok, model.visual.cfg.image_size),
-                                    range(rank, len(prompts), world))
-    kinds = sorted({e.get("kind", "all") for e in entries})
-    correct, total = {k: 0 for k in kinds}, {k: 0 for k in kinds}
+    mine = entries[:eval_samples or None][rank::world]
+    answered = []
     model.eval()
     with unsharded(model):
-        for start in range(0, len(shard), batch_size):
-            batch = [shard[i] for i in range(start, min(start + batch_size, len(shard)))]
-            kept = [entries[rank + world * (start + i)] for i, s in enumerate(batch) if s is not None]
-            images, has_image, ids, _, _ = collate(batch)
-            with autocast:
-                answers = model.generate([x.to(device) for x in ids], images.to(device) if images is not None else None,
-                                         has_image, max_new_tokens)
-            for entry, answer in zip(kept, answers):
-                kind = entry.get("kind", "all")
-                total[kind] += 1
-                correct[kind] += tok.decode(answer).strip() == entry["conversations"][1]["value"].strip()
-    sums = all_reduce_sum([correct[k] for k in kinds] + [total[k] for k in kinds], device)
-    correct, total = dict(zip(kinds, sums[:len(kinds)])), dict(zip(kinds, sums[len(kinds):]))
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start:start + batch_size]
+            asked = [(e["conversations"][0]["value"].replace("<image>", "").strip(), e.get("image")) for e in batch]
+            answered += zip(batch, answer_questions(model, tok, asked, folder, device, autocast, max_new_tokens))
     model.train()
-    result = {"exact_match": 100 * sum(correct.values()) / max(1, sum(total.values())), "eval_questions": int(sum(total.values()))}
-    if kinds != ["all"]:
-        result |= {f"exact_match_{k}": 100 * correct[k] / max(1, total[k]) for k in kinds}
-    return result
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, answered)
+        answered = [a for part in parts for a in part]
+    entries, answers = [e for e, _ in answered], [a for _, a in answered]
+    expected = [e["conversations"][1]["value"] for e in entries]
+    if master:
+        with open(path + ".tmp", "w") as f:
+            for entry, answer, right in zip(entries, answers, expected):
+                f.write(json.dumps({"id": entry.get("id"), "kind": entry.get("kind"), "answer": answer, "expected": right,
+                                    "question": entry["conversations"][0]["value"]}) + "\n")
+        os.replace(path + ".tmp", path)
+    return exact_match(answers, expected, [e.get("kind") for e in entries])
 
 
 # ----------------------------------------------------------------------------- one training stage
@@ -485,6 +482,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
     while step < total_steps:
         epoch = step // steps_per_epoch
         sums = dict(loss=0.0, image_tokens=0, samples=0, tokens=0, skipped=0, truncated=0, time=0.0, steps=0)
+        logged = dict(sums)  # the sums at the last log line
         batches = iter(epoch_loader(dataset, sampler, epoch, step % steps_per_epoch, steps_per_epoch))
         t0 = time.perf_counter()
         for _ in range(step % steps_per_epoch, steps_per_epoch):
@@ -507,6 +505,13 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
                       f"lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"image tokens/sample {int(out.image_tokens.sum()) / len(out.lengths):.1f} step {1000 * (t1 - t0):.0f}ms",
                       flush=True)
+                window = {k: sums[k] - logged[k] for k in sums}  # rank 0's steps since the last log line
+                log_record({"stage": n, "epoch": step / steps_per_epoch, "step": step, "log": True,
+                            "loss": window["loss"] / window["steps"], "lr": optimizer.param_groups[0]["lr"],
+                            "image_tokens_per_sample": window["image_tokens"] / max(1, window["samples"]),
+                            "step_time_s": window["time"] / window["steps"],
+                            "tokens_per_s": world_size * window["tokens"] / max(1e-9, window["time"])}, out_dir, echo=False)
+                logged = dict(sums)
             if step % checkpoint_every == 0:
                 write_checkpoint()
             t0 = time.perf_counter()
@@ -514,7 +519,7 @@ def train_stage(n, model, tok, entries, folder, epochs, lr, stage_dir, sources, 
                 break
         report = epoch_report(n, step, steps_per_epoch, sums)
         if n > 0:
-            report |= evaluate(model, tok, eval_entries, eval_folder)
+            report |= evaluate(model, tok, eval_entries, eval_folder, os.path.join(stage_dir, "eval_answers.jsonl"))
         log_record(report, out_dir)
     write_checkpoint()
     if dist.is_initialized():
