@@ -204,6 +204,8 @@ def write_shapes_dataset(root, train_samples=12000, val_per_class=25, shard_size
         return
     if os.path.exists(root):
         die(f"{root} exists but is not a complete shapes dataset; delete it and run again")
+    print(f"writing the built-in shapes data to {root} ({train_samples} training pairs, {val_per_class * len(CLASSES)} "
+          f"held-out images, {size} px; once, about 10 s)", flush=True)
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

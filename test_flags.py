@@ -428,3 +428,31 @@ def run_cases(cases_path, results_path, runs):
 if __name__ == "__main__":
     sys.path.insert(0, HERE)
     run_cases(*sys.argv[1:])
+
+
+def documented_commands():
+    """Every `python X.py ...` / `torchrun ... X.py ...` command of the README and docs/, joined across
+    backslash line continuations, as (file, command)."""
+    import glob
+    import re
+    found = []
+    for path in [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md"))):
+        with open(path) as f:
+            text = f.read().replace("\\\n", " ")
+        for line in text.splitlines():
+            for command in re.findall(r"(?:python|torchrun)\s[^`#|&]*?\b\w+\.py[^`#|&]*", line):
+                found.append((os.path.basename(path), command.strip()))
+    return found
+
+
+def test_no_documented_command_writes_outside_out_or_data():
+    """Output flags of every command the docs show point under out/ or data/ (or into a folder of the
+    user's own, like a benchmark's answers/), never into the repository's root or its own folders."""
+    commands = documented_commands()
+    assert len(commands) > 20  # the README and docs/ show many commands: the pattern finds them
+    repository = set(os.listdir(HERE)) - {"out", "data"}
+    for source, command in commands:
+        words = command.split()
+        for flag, value in zip(words, words[1:]):
+            if flag in ("--out", "--out_dir", "--answers_file", "--data_dir", "--plot"):
+                assert "/" in value and value.split("/")[0] not in repository, f"{source}: `{command}` writes {value}"

@@ -142,3 +142,17 @@ def test_llm_config_from_a_hugging_face_directory(tmp_path):
     hf = {k: v for k, v in tiny.__dict__.items() if k not in ("head_dim", "rope_scaling")} | {"model_type": "llama"}
     (tmp_path / "config.json").write_text(json.dumps(hf))
     assert llm_config(None, str(tmp_path)) == tiny and llm_config("vicuna-7b", None) == LLAMA_CONFIGS["vicuna-7b"]
+
+
+def test_readme_shows_what_its_flops_command_prints():
+    """The README's efficiency table is the output of the command beside it, columns and rows."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        readme = f.read()
+    command = "python flops.py --model ViT-B-16 --compress 1 2 4 10"
+    assert f"`{command}`" in readme
+    shown = readme.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    result = subprocess.run([sys.executable] + command.split()[1:], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines()[:len(shown)] == shown
+    assert "not counted" in result.stdout and "aten::" not in result.stdout  # fvcore's skipped ops, said calmly

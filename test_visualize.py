@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -34,22 +35,42 @@ def test_without_out_dir_the_data_folder_is_left_as_it_was(checkpoint, tmp_path)
     data = tmp_path / "data" / "val" / "red_ring"
     data.mkdir(parents=True)
     make_shape_image(random.Random(0), 3, size=48)[0].save(data / "0000.jpg")
-    result = visualize(str(data / "0000.jpg"), "--ckpt", checkpoint, cwd=tmp_path)
+    os.makedirs(tmp_path / "out" / "clip_tiny_c4")
+    torch.save(dict(torch.load(checkpoint, weights_only=False), tokenizer=""), tmp_path / "out" / "clip_tiny_c4" / "ckpt.pt")
+    result = visualize(str(data / "0000.jpg"), cwd=tmp_path)  # the newest checkpoint, and it says which
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"the newest drip checkpoint: {os.path.join('out', 'clip_tiny_c4', 'ckpt.pt')}\n")
     assert os.listdir(data) == ["0000.jpg"]
     assert (tmp_path / "out" / "visualize" / "0000_drip.png").is_file()
 
 
-def test_renders_png_of_expected_size(checkpoint, tmp_path):
-    image, _ = make_shape_image(random.Random(0), 3, size=100)
-    image = image.convert("RGBA").rotate(90, expand=True)  # any size and mode
-    image.save(tmp_path / "shape.png")
-    result = visualize(str(tmp_path / "shape.png"), "--ckpt", checkpoint, "--ckpt", checkpoint, "--out_dir", str(tmp_path / "out"))
+def test_a_photo_is_drawn_with_its_crop_said_and_left_visible(checkpoint, tmp_path):
+    """A 300 x 200 photo (any mode): the model's 48 px input and the crop are said; the photo's
+    crop keeps its pixels outside the segment borders (outlines, not a tint); each checkpoint's
+    panel is that photo beside the segment map, under a header, over a legend."""
+    photo = np.zeros((200, 300, 3), dtype=np.uint8)
+    photo[..., 0] = np.linspace(0, 255, 300, dtype=np.uint8)[None, :]  # a red ramp across, green down
+    photo[..., 1] = np.linspace(0, 255, 200, dtype=np.uint8)[:, None]
+    Image.fromarray(photo).convert("RGBA").save(tmp_path / "photo.png")
+    result = visualize(str(tmp_path / "photo.png"), "--ckpt", checkpoint, "--ckpt", checkpoint, "--out_dir",
+                       str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    out = tmp_path / "out" / "shape_drip.png"
-    grid = 48 // 8
-    with Image.open(out) as png:  # two panels of grid x 48 px, 8 px apart, under a 22 px title
-        assert png.size == (2 * grid * 48 + 8, grid * 48 + 22)
+    out = tmp_path / "out" / "photo_drip.png"
+    assert f"{out}: {tmp_path / 'photo.png'} is 300 x 200 px; the model sees its centre 200 x 200 resized to 48 x 48" \
+        in result.stdout
+    grid, size = 6, 6 * 48
+    with Image.open(out) as png:  # two panels (photo + segments, 8 px apart) 16 px apart, 36 px header, 22 px legend
+        assert png.size == (2 * (2 * size + 8) + 16, size + 36 + 22)
+        sheet = np.asarray(png.convert("RGB")).astype(int)
+    shown = sheet[36:36 + size, :size]
+    expected = np.asarray(Image.fromarray(photo[:, 50:250]).resize((size, size), Image.BICUBIC)).astype(int)
+    inside = np.zeros((size, size), bool)  # the middle of every patch, away from borders and dots
+    for r in range(grid):
+        for c in range(grid):
+            inside[r * 48 + 4:r * 48 + 16, c * 48 + 4:c * 48 + 16] = True
+    assert np.abs(shown[inside] - expected[inside]).max() <= 1  # the photo itself, untinted
+    segments = sheet[36:36 + size, size + 8:2 * size + 8]
+    assert len({tuple(segments[r * 48 + 10, c * 48 + 10]) for r in range(grid) for c in range(grid)}) > 1
 
 
 def test_unreadable_file_is_reported_and_others_render(checkpoint, tmp_path):

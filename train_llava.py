@@ -201,6 +201,8 @@ def write_shapes_conversations(root, size, train_images=6000, val_images=300, se
     then renamed."""
     if os.path.exists(os.path.join(root, "info.json")):
         return
+    print(f"writing the built-in LLaVA data to {root} ({train_images} training and {val_images} held-out images, "
+          f"{size} px; once)", flush=True)
     tmp = root + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pretrain, instruct, val = [], [], []
@@ -606,6 +608,11 @@ if not os.path.isfile(init_from):
     die(f"no CLIP image tower at {init_from}; run `python train_clip.py --compress {compress or 1:g}"
         f"{' --reducer ' + reducer if reducer_tag(reducer) else ''}` first, or give --init_from")
 visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick_gelu, reducer or "drip")
+if master:
+    grid = tower_config.image_size // tower_config.patch_size
+    print(f"image tower: {init_from} (compress {tower_config.compress:g}"
+          f"{', ' + tower_config.reducer if tower_config.compress > 1 else ''}, {tower_config.image_size} px images, "
+          f"{grid} x {grid} patches, width {tower_config.width})", flush=True)
 if compress and compress != tower_config.compress:
     die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
 if reducer and reducer != tower_config.reducer:

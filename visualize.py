@@ -1,4 +1,5 @@
-"""See where DRIP cuts an image: the patch grid, each segment in its own colour, boundary patches marked.
+"""See where DRIP cuts an image: the part of it the model sees with the segment borders and boundary
+patches drawn on it, beside the segments in their own colours.
 
     python visualize.py img.jpg [more.jpg ...]                 # newest DRIP checkpoint under out/
     python visualize.py img.jpg --ckpt a.pt --ckpt b.pt        # one panel per checkpoint, side by side
@@ -29,7 +30,9 @@ from common import ArgumentParser, check_writable, die, load_clip_checkpoint
 from data import CLASSES, VAL_SEED_OFFSET, image_files, image_transform, load_image, make_shape_image
 from plots import plot_segment_histogram
 
-CELL = 48  # pixels per patch in the drawing
+CELL = 48    # pixels per patch in the drawing
+HEADER = 36  # pixels of title above a panel
+LEGEND = 22  # pixels of legend below it
 
 
 def newest_checkpoint(reducer, root="out"):
@@ -60,37 +63,57 @@ def segment_colours(count):
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)) for h in hues]
 
 
-def render_panel(image, boundaries, title):
-    """The resized image with segments tinted, segment borders drawn and boundary patches dotted."""
+def model_square(image):
+    """(left, top, side) of the square the model's preprocessing keeps of `image` (the shorter side
+    resized to the input size, then the centre cropped), in the image's own pixels."""
+    W, H = image.size
+    side = min(W, H)
+    return (W - side) // 2, (H - side) // 2, side
+
+
+def draw_segments(panel, segment, boundaries, grid):
+    """Segment borders (white under black: visible on any picture) and boundary patches (white dots)."""
+    draw = ImageDraw.Draw(panel)
+    for width, colour in ((5, "white"), (2, "black")):
+        for row in range(grid):
+            for col in range(grid):
+                if col + 1 < grid and segment[row][col] != segment[row][col + 1]:
+                    draw.line([((col + 1) * CELL, row * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill=colour, width=width)
+                if row + 1 < grid and segment[row][col] != segment[row + 1][col]:
+                    draw.line([(col * CELL, (row + 1) * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill=colour, width=width)
+    for i in [i for i in range(grid * grid) if boundaries[i]]:
+        cx, cy = (i % grid) * CELL + CELL // 2, (i // grid) * CELL + CELL // 2
+        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill="white", outline="black", width=2)
+    return panel
+
+
+def render_panel(image, boundaries, title, image_size):
+    """Side by side: the part of `image` the model sees, at display size, with the segment borders
+    and boundary patches drawn on it; and the segments, each in its own colour. A header says
+    the model's input and what was cropped, a legend says what the marks are."""
     N = len(boundaries)
     grid = int(round(N ** 0.5))
     size = grid * CELL
     segment = (boundaries.cumsum(0) - boundaries).long().view(grid, grid).tolist()  # row-major, as the model cuts
+    left, top, side = model_square(image)
+    photo = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
     colours = segment_colours(int(boundaries.sum()))
-    base = image.resize((size, size), Image.NEAREST).convert("RGBA")
-    tint = Image.new("RGBA", (size, size))
-    draw = ImageDraw.Draw(tint)
-    for row in range(grid):
-        for col in range(grid):
-            draw.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1],
-                           fill=colours[segment[row][col]] + (70,))
-    panel = Image.alpha_composite(base, tint)
-    draw = ImageDraw.Draw(panel)
-    for i in range(grid + 1):  # thin patch grid
-        draw.line([(i * CELL, 0), (i * CELL, size)], fill=(255, 255, 255, 90))
-        draw.line([(0, i * CELL), (size, i * CELL)], fill=(255, 255, 255, 90))
-    for row in range(grid):  # thick lines between different segments
-        for col in range(grid):
-            if col + 1 < grid and segment[row][col] != segment[row][col + 1]:
-                draw.line([((col + 1) * CELL, row * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill="black", width=3)
-            if row + 1 < grid and segment[row][col] != segment[row + 1][col]:
-                draw.line([(col * CELL, (row + 1) * CELL), ((col + 1) * CELL, (row + 1) * CELL)], fill="black", width=3)
-            if boundaries[row * grid + col]:
-                cx, cy = col * CELL + CELL // 2, row * CELL + CELL // 2
-                draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill="white", outline="black", width=2)
-    framed = Image.new("RGB", (size, size + 22), "white")
-    framed.paste(panel.convert("RGB"), (0, 22))
-    ImageDraw.Draw(framed).text((4, 5), title, fill="black")
+    segments = Image.new("RGB", (size, size))
+    fill = ImageDraw.Draw(segments)
+    for i in range(N):
+        row, col = divmod(i, grid)
+        fill.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1], fill=colours[segment[row][col]])
+    W, H = image.size
+    cropped = "nothing cropped" if W == H else f"centre {side} x {side} of {W} x {H}"
+    header = [title, f"model input {image_size} x {image_size} px ({cropped}), {grid} x {grid} patches"]
+    legend = "lines: segment borders; white dots: boundary patches (a segment ends there); right: one colour a segment"
+    framed = Image.new("RGB", (2 * size + 8, size + HEADER + LEGEND), "white")
+    framed.paste(draw_segments(photo, segment, boundaries, grid), (0, HEADER))
+    framed.paste(draw_segments(segments, segment, boundaries, grid), (size + 8, HEADER))
+    draw = ImageDraw.Draw(framed)
+    for n, line in enumerate(header):
+        draw.text((4, 4 + 15 * n), line, fill="black")
+    draw.text((4, HEADER + size + 5), legend, fill="black")
     return framed
 
 
@@ -100,28 +123,30 @@ def describe(checkpoint, boundaries, sample, seed):
     k, N = int(boundaries.sum()), len(boundaries)
     mode = f", sampled seed {seed}" if sample else ""
     reducer = cfg.get("reducer", "drip")
-    return f"{name}{'' if reducer == 'drip' else ' ' + reducer} {cfg['compress']:g}x: {k}/{N} boundaries, rate {k / N:.2f}{mode}"
+    return f"{name}{'' if reducer == 'drip' else ' ' + reducer} {cfg['compress']:g}x: {k} segments of {N} patches, rate {k / N:.2f}{mode}"
 
 
 def render_file(path, models, out_dir, sample, seed):
+    """One sheet per image, a panel per checkpoint; returns the PNG's path and a line saying what the model saw."""
     image = load_image(path)
     panels = []
     for model, checkpoint in models:
         if sample:
             torch.manual_seed(seed)
         boundaries = boundaries_of(model, image, sample)
-        resized = image_transform(model.cfg.image_size).transforms[0](image)  # resize + crop only
-        panels.append(render_panel(resized, boundaries, describe(checkpoint, boundaries, sample, seed)))
-    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+        panels.append(render_panel(image, boundaries, describe(checkpoint, boundaries, sample, seed), model.cfg.image_size))
+    width = sum(p.width for p in panels) + 16 * (len(panels) - 1)
     sheet = Image.new("RGB", (width, max(p.height for p in panels)), "white")
     x = 0
     for panel in panels:
         sheet.paste(panel, (x, 0))
-        x += panel.width + 8
-    stem = os.path.splitext(os.path.basename(path))[0] + "_drip.png"
-    target = os.path.join(out_dir, stem)
+        x += panel.width + 16
+    target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_drip.png")
     sheet.save(target)
-    return target
+    W, H = image.size
+    _, _, side = model_square(image)
+    size = models[0][0].cfg.image_size
+    return f"{target}: {path} is {W} x {H} px; the model sees its centre {side} x {side} resized to {size} x {size}"
 
 
 def stats(folder, model, checkpoint, out_dir):
@@ -200,6 +225,8 @@ def main():
     if args.out_dir:
         check_writable(args.out_dir, "--out_dir")
     paths = args.ckpt or [newest_checkpoint(args.reducer)]
+    if not args.ckpt:
+        print(f"the newest {args.reducer} checkpoint: {paths[0]}", flush=True)
     models = [load_clip_checkpoint(path) for path in paths]
     for model, checkpoint in models:
         if model.cfg.compress == 1:
