@@ -203,6 +203,15 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def seed_per_rank(seed):
+    """From here on each rank draws its own random numbers (augmentations, dropout masks, mixup),
+    the same again with the same seed. Call it once the weights that must be alike on every
+    rank are made (FSDP, unlike DDP, does not broadcast rank 0's)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
 def gather_with_grad(x):
     """B x E on each rank -> world*B x E, rank after rank; each rank's block keeps its gradient."""
     if all_gather_single_autograd is not None:

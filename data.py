@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torchvision.transforms as T
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from common import die
@@ -238,6 +239,20 @@ def write_shapes_dataset(root, train_samples=12000, val_per_class=25, shard_size
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump({"train_samples": train_samples, "val_per_class": val_per_class, "size": size, "seed": seed}, f)
     os.replace(tmp, root)
+
+
+def folder_batches(dataset, batch_size, seed, epoch, workers):
+    """Shuffled training batches of a map-style dataset (an ImageFolder): each rank its own share
+    of the images (DistributedSampler, seeded alike) and its own random transforms (crops,
+    flips: the loader's generator, and with it the workers' seeds, differs per rank), both
+    repeating with the same seed and epoch."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = DistributedSampler(dataset, seed=seed, drop_last=True) if dist.is_initialized() else None
+    if sampler:
+        sampler.set_epoch(epoch)
+    transforms = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                      num_workers=workers, generator=transforms)
 
 
 def builtin_shapes(data_dir, image_size):

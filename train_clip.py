@@ -19,7 +19,6 @@ atomically every checkpoint_every steps and at the end; --resume continues from 
 """
 import math
 import os
-import random
 import time
 from dataclasses import asdict
 from functools import partial
@@ -34,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
                     EpochMeter, check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr,
                     die, gather_with_grad, load_weights_file, log_record, mean_over_ranks, parse_overrides,
-                    read_resume_checkpoint, restore_checkpoint, save_checkpoint, setup_distributed)
+                    read_resume_checkpoint, restore_checkpoint, save_checkpoint, seed_per_rank, setup_distributed)
 from data import builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
 from text import (IMAGENET_CLASSNAMES, load_tokenizer, read_lines, tokenize, train_tokenizer, zero_shot_classifier,
                   zero_shot_templates)
@@ -193,8 +192,7 @@ check_shared_folder(out_dir, "--out_dir")
 if use_builtin:
     check_shared_folder(data_dir, "--data_dir")
 master = rank == 0
-random.seed(seed + rank)
-torch.manual_seed(seed + rank)
+seed_per_rank(seed)  # DDP makes the weights alike
 dtype, autocast = autocast_context(device, dtype)
 checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers/--reducer") if resume else None
 # the model and its starting weights before any data is written: weights of another size stop the run here

@@ -17,7 +17,6 @@ and counted (skipped_samples). Options are the defaults below, overridden as
 --key=value or --key value.
 """
 import os
-import random
 import time
 from dataclasses import asdict
 from functools import partial
@@ -30,14 +29,15 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 import webdataset as wds
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from common import (EpochMeter, Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_shared_folder,
                     check_writable, classification_accuracy, cosine_lr, die, load_weights_file, log_record, mean_over_ranks,
                     parse_overrides, read_resume_checkpoint, reducer_tag, restore_checkpoint,
-                    save_checkpoint, setup_distributed)
-from data import CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, image_folder, image_transform
+                    save_checkpoint, seed_per_rank, setup_distributed)
+from data import (CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, folder_batches, image_folder,
+                  image_transform)
 from model import CLIP, CONFIGS, CLIPConfig, decay_groups, load_clip_weights, make_config
 from plots import plot_curves, plot_lr_find
 from reducers import REDUCERS, describe_reducer
@@ -109,12 +109,7 @@ def same_seed_on_every_rank():
 def make_train_batches(source, image_size, steps, epoch):
     """Exactly `steps` (images, labels, skipped) training batches on this rank for `epoch`."""
     if isinstance(source, ImageFolder):
-        sampler = DistributedSampler(source, seed=seed, drop_last=True) if dist.is_initialized() else None
-        if sampler:
-            sampler.set_epoch(epoch)
-        crops = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + rank)  # each rank its own crops
-        loader = DataLoader(source, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                            num_workers=workers, generator=crops)
+        loader = folder_batches(source, batch_size, seed, epoch, workers)
         return ((images, labels, 0) for _, (images, labels) in zip(range(steps), loader))
     # shards: one resampled stream, split over ranks and workers, cut at the same step everywhere
     pipeline = wds.DataPipeline(
@@ -200,8 +195,7 @@ check_shared_folder(out_dir, "--out_dir")
 if not train_data:
     check_shared_folder(data_dir, "--data_dir")
 master = rank == 0
-random.seed(seed + rank)
-torch.manual_seed(seed + rank)  # also draws the mixup weights, so --seed reproduces a mixup run
+seed_per_rank(seed)  # augmentations and mixup weights: DDP makes the weights alike
 dtype, autocast = autocast_context(device, dtype)
 
 # starting weights loaded before any data is written: weights of another model size stop the run here

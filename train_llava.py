@@ -53,7 +53,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
                     check_shared_folder, check_writable, clip_run_dir, cosine_lr, die, load_image_tower, log_record,
-                    parse_overrides, peak_memory_gb, reducer_tag, save_checkpoint, set_rng_state, setup_distributed)
+                    parse_overrides, peak_memory_gb, reducer_tag, save_checkpoint, seed_per_rank, set_rng_state,
+                    setup_distributed)
 from data import CAPTION_TEMPLATES, CLASSES, VAL_SEED_OFFSET, image_transform, load_image, make_shape_image
 from text import (SYSTEM, TextTokenizer, answer_questions, exact_match, load_llama, save_llama, tokenize_conversation,
                   train_sentencepiece)
@@ -240,12 +241,13 @@ def write_shapes_conversations(root, size, train_images=6000, val_images=300, se
 def build_model(llm_path, lora):
     """LLaVA around the frozen image tower (loaded once at set-up) and the LLM at llm_path. Under
     --fsdp the LLM stays in the dtype it is stored in until shard() takes it layer by layer."""
+    torch.manual_seed(seed)  # the same projector and adapters on every rank, whichever stages ran before
     language_model, tok = load_llama(llm_path, dtype=None if fsdp else torch.float32)
     if lora:
-        torch.manual_seed(seed)  # the same adapters on every rank, whichever stages ran before in this process
         add_lora(language_model, *lora)
-        torch.manual_seed(seed + rank)  # then dropout masks of each rank's own
-    return LLaVA(visual, language_model, projector, feature_layer), tok
+    llava = LLaVA(visual, language_model, projector, feature_layer)
+    seed_per_rank(seed)  # then each rank its own LoRA dropout masks
+    return llava, tok
 
 
 def shard(llava):
