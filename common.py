@@ -161,14 +161,23 @@ def check_writable(path, flag):
         die(f"{flag} {path}: cannot write under {parent} ({e.strerror})")
 
 
-def reducer_tag(reducer):
-    """The reducer's part of a default run folder name: nothing for DRIP (or none given), else _<reducer>."""
-    return "" if reducer in ("", "drip") else "_" + reducer
+def reducer_tag(reducer, boundaries="gumbel"):
+    """The reducer's part of a default run folder name: nothing for DRIP (or none given), _entropy for
+    DRIP with --boundaries entropy, else _<reducer>."""
+    if reducer in ("", "drip"):
+        return "_entropy" if boundaries == "entropy" else ""
+    return "_" + reducer
 
 
-def clip_run_dir(model, compress, reducer):
+def clip_run_dir(model, compress, reducer, boundaries="gumbel"):
     """train_clip.py's default --out_dir, where train_llava.py looks for its tower by default."""
-    return f"out/clip_{model}{reducer_tag(reducer)}_c{compress:g}"
+    return f"out/clip_{model}{reducer_tag(reducer, boundaries)}_c{compress:g}"
+
+
+def check_boundaries(boundaries, reducer, compress):
+    """--boundaries entropy trains DRIP's own predictor: one line if there is none to train."""
+    if boundaries == "entropy" and (reducer not in ("", "drip") or compress == 1):
+        die("--boundaries entropy trains DRIP's boundary predictor: it needs --compress > 1 and --reducer drip")
 
 
 def check_file(path, flag, what="file"):
@@ -420,7 +429,7 @@ def load_image_tower(path, model_name="tiny", compress=1.0, quick_gelu=False, re
     except ValueError as e:
         die(f"{flag} {path}: {e}; choose the matching model")
     tower_missing = [k for k in missing if k.startswith("visual.")
-                     and not k.startswith(("visual.boundary_predictor.", "visual.reducer."))]
+                     and not k.startswith(("visual.boundary_predictor.", "visual.entropy_model.", "visual.reducer."))]
     if tower_missing:
         die(f"{flag} {path} lacks image tower weights ({tower_missing[0]}, ...)")
     if compress > 1 and reducer not in ("uniform", "tome") and int(os.environ.get("RANK", 0)) == 0:

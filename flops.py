@@ -45,7 +45,7 @@ with warnings.catch_warnings():  # fvcore applies torch.jit.script at import, wh
 from common import ArgumentParser, die, load_clip_checkpoint
 from data import image_files, image_transform, load_image
 from llama import LLAMA_CONFIGS, LlamaConfig, llama_config_from_hf
-from model import CLIP, CLIPConfig, even_boundaries, expected_segments, image_tower_macs, make_config
+from model import PATCH_WORDS, CLIP, CLIPConfig, even_boundaries, expected_segments, image_tower_macs, make_config
 from plots import plot_accuracy_vs_gflops
 from reducers import REDUCERS, describe_reducer
 
@@ -101,12 +101,30 @@ def settings(compresses, reducers):
     return [(c, r) for c in compresses for r in (reducers[:1] if c == 1 else reducers)]
 
 
-def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
+def entropy_training_macs(cfg: CLIPConfig):
+    """--boundaries entropy's extra multiply-adds per image in training only: the entropy model's
+    causal block on the N patch tokens (counted as a full block, as fvcore counts attention) and
+    its head over the 64 patch words. Eval does not run it."""
+    N, D = cfg.num_patches, cfg.width
+    return N * (4 * D * D + 2 * D * cfg.mlp_dim) + 2 * N * N * D + N * D * PATCH_WORDS
+
+
+def tower_config(model_name, compress, reducer, pre_layers, predictor="gumbel"):
+    """The config of one row: --boundaries (`predictor`) applies to DRIP's rows."""
+    return make_config(model_name, compress=compress, reducer=reducer,
+                       boundaries=predictor if reducer == "drip" and compress > 1 else "gumbel",
+                       **({"pre_layers": pre_layers} if pre_layers else {}))
+
+
+def reducer_label(cfg: CLIPConfig):
+    return "none" if cfg.compress == 1 else "drip-entropy" if cfg.boundaries == "entropy" else cfg.reducer
+
+
+def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",), predictor="gumbel"):
     """One row per (compress, reducer); compress 1 is the plain ViT, one row whatever the reducer."""
     rows = []
     for compress, reducer in settings(compresses, reducers):
-        cfg = make_config(model_name, compress=compress, reducer=reducer,
-                          **({"pre_layers": pre_layers} if pre_layers else {}))
+        cfg = tower_config(model_name, compress, reducer, pre_layers, predictor)
         torch.manual_seed(0)
         clip = CLIP(cfg).eval()
         N = cfg.num_patches
@@ -118,8 +136,9 @@ def flops_rows(model_name, compresses, pre_layers, skipped, reducers=("drip",)):
         with torch.no_grad():
             tokens = int(clip.visual(images, boundaries=boundaries).valid.sum())
         text = fvcore_macs(TextTower(clip), (torch.ones(1, cfg.context_length, dtype=torch.long),), skipped)
-        rows.append({"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none",
-                     "setting": describe_reducer(cfg), "tokens_last_block": tokens,
+        entropy = entropy_training_macs(cfg) / 1e9 if clip.visual.entropy_model is not None else None
+        rows.append({"model": model_name, "compress": compress, "reducer": reducer_label(cfg),
+                     "setting": describe_reducer(cfg), "tokens_last_block": tokens, "entropy_training_gflops": entropy,
                      "image_gflops_fvcore": image / 1e9, "image_gflops_analytic": image_tower_macs(cfg) / 1e9,
                      "text_gflops_fvcore": text / 1e9, "text_gflops_analytic": text_tower_macs(cfg) / 1e9,
                      "image_text_gflops": (image + text) / 1e9})
@@ -254,7 +273,8 @@ def timed(fns, steps, device):
     return [statistics.median(record) for record in times]
 
 
-def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup, reducer="drip"):
+def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_compile, steps, warmup, reducer="drip",
+              predictor="gumbel"):
     """Training-step time (forward, backward, AdamW step), inference throughput and memory for one compression.
 
     For compress > 1 the same model is also timed with its ceiling, boundaries fixed evenly at
@@ -262,7 +282,7 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
     speed of a fixed cut of the same length. The two alternate step by step. Other reducers
     are timed alone.
     """
-    cfg = make_config(model_name, compress=compress, reducer=reducer, **({"pre_layers": pre_layers} if pre_layers else {}))
+    cfg = tower_config(model_name, compress, reducer, pre_layers, predictor)
     torch.manual_seed(0)
     model = CLIP(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -325,7 +345,7 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
         for boundaries in variants:
             infer_step(boundaries)
     infer_s = timed([lambda b=b: infer_step(b) for b in variants], steps, device)
-    row = {"model": model_name, "compress": compress, "reducer": reducer if compress > 1 else "none", "tower": tower, "batch_size": batch_size, "device": str(device),
+    row = {"model": model_name, "compress": compress, "reducer": reducer_label(cfg), "tower": tower, "batch_size": batch_size, "device": str(device),
            "step_ms": 1000 * step_s[0], "images_per_s": batch_size / step_s[0], "infer_images_per_s": batch_size / infer_s[0],
            "peak_memory_gib": peak, "saved_activations_gib": saved_bytes[0] / 2**30,
            "real_token_fraction": real_token_fraction}
@@ -337,7 +357,7 @@ def bench_row(model_name, compress, pre_layers, tower, batch_size, device, use_c
 
 def bench_rows(args, device):
     rows = [bench_row(args.model, c, args.pre_layers, args.tower, args.batch_size, device, args.compile,
-                      args.steps, args.warmup, reducer)
+                      args.steps, args.warmup, reducer, args.boundaries)
             for c, reducer in settings(args.compress, args.reducer)]
     base = rows[0] if rows[0]["compress"] == 1 else None
     memory = "peak_memory_gib" if device.type == "cuda" else "saved_activations_gib"
@@ -356,6 +376,8 @@ def parse_args():
     parser.add_argument("--pre_layers", type=int, default=0, help="0 = the model's default")
     parser.add_argument("--reducer", nargs="+", default=["drip"], choices=REDUCERS,
                         help="ways to shorten the tower, each at DRIP's analytic MACs")
+    parser.add_argument("--boundaries", choices=["gumbel", "entropy"], default="gumbel",
+                        help="DRIP's predictor: gumbel, or entropy (its entropy model's training-only cost said apart)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--ckpt", help="a train_clip.py checkpoint: also count with its predicted boundaries")
     parser.add_argument("--runs", nargs="+", help="instead: finished train_clip.py run folders, accuracy against GFLOPs")
@@ -438,7 +460,7 @@ def main():
     if args.runs:
         return print_runs(args)
     skipped = Counter()
-    result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped, args.reducer)}
+    result = {"flops": flops_rows(args.model, args.compress, args.pre_layers, skipped, args.reducer, args.boundaries)}
     if args.ckpt:
         result["checkpoint"] = checkpoint_row(args.ckpt, args.images, args.max_images, skipped)
     if llm:
@@ -468,7 +490,9 @@ def print_tables(result, args, skipped):
                           "multiply-adds,", "analytic: the formula's; image+text: one image and one caption (a CLIP pair); "
                           "end-to-end ceiling: compress 1's", "image+text / this row's, the speed-up if time followed "
                           "GFLOPs"]
-                    + [r["setting"] for r in result["flops"] if r["reducer"] in ("tome", "dynamicvit")]))
+                    + [r["setting"] for r in result["flops"] if r["reducer"] in ("tome", "dynamicvit")]
+                    + [f"drip-entropy at {r['compress']:g}x: eval as above; training adds {r['entropy_training_gflops']:.4f} "
+                       "GFLOPs an image (the entropy model)" for r in result["flops"] if r["entropy_training_gflops"]]))
     if args.ckpt:
         c = result["checkpoint"]
         print(f"\n{c['checkpoint']} over {c['images']} images: {c['image_gflops_predicted']:.3f} GFLOPs with predicted "

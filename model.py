@@ -54,6 +54,7 @@ class CLIPConfig:
     reducer: str = "drip"         # how tokens are cut: drip, or a comparison reducer of reducers.py
     pre_layers: int = 2           # blocks run on every patch before pooling
     tau: float = 0.5              # Gumbel-Sigmoid temperature
+    boundaries: str = "gumbel"    # gumbel (trained through the task) | entropy (trained on entropy spikes, DTP)
     quick_gelu: bool = False      # OpenAI's CLIP weights were trained with x * sigmoid(1.702 x)
     # text tower
     context_length: int = 77
@@ -72,6 +73,8 @@ class CLIPConfig:
         if self.reducer != "drip" and self.reducer not in REDUCER_CLASSES:
             raise ValueError(f"unknown reducer {self.reducer!r}; choose one of drip, {', '.join(REDUCER_CLASSES)}"
                              " (the others are registered by `import reducers`)")
+        if self.boundaries not in ("gumbel", "entropy"):
+            raise ValueError(f"boundaries must be gumbel or entropy, got {self.boundaries!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.compress > 1 and not 0 < self.pre_layers < self.layers:
@@ -124,16 +127,17 @@ def sample_boundaries(logits, tau=0.5):
     return hard - soft.detach() + soft  # straight-through: value hard, gradient soft
 
 
-def eval_boundaries(logits):
+def eval_boundaries(logits, segments=None):
     """Deterministic boundaries at the training-time rate.
 
     Thresholding logits at 0 would give almost no boundaries when every
     sigmoid(logit) is about 1/compress. Instead keep as many boundaries as training
     expects: the last patch (always a boundary, as in `force_last_boundary`) and, among
-    the other N-1 patches, the k = round(sum sigmoid(l_i)) with the highest logits.
+    the other N-1 patches, the k = round(sum sigmoid(l_i)) with the highest logits
+    (k = segments - 1 in every image when `segments` is given).
     """
     probs = torch.sigmoid(logits[:, :-1])                       # B x N-1
-    k = probs.sum(1).round()                                    # B, besides the last patch
+    k = probs.sum(1).round() if segments is None else torch.full_like(probs[:, 0], segments - 1)  # B, besides the last
     rank = logits[:, :-1].argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # B x N-1
     chosen = (rank < k[:, None]).to(logits.dtype)               # B x N-1
     return torch.cat([chosen, torch.ones_like(chosen[:, :1])], 1)
@@ -186,6 +190,40 @@ def boundary_loss(boundaries, p):
     log_pmf = (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
                + k * math.log(p) + (n - k) * math.log1p(-p))
     return (-log_pmf / n).mean()
+
+
+PATCH_WORDS = 64  # the entropy model's vocabulary: a patch's mean colour, 4 levels a channel
+
+
+def patch_words(images, patch_size):
+    """B x 3 x H x W (CLIP-normalised) -> B x N word ids, raster order: each patch's mean colour,
+    each channel cut into 4 levels at -0.75, 0 and 0.75, a value on a cut taking the lower
+    level (4^3 = 64 words)."""
+    means = F.avg_pool2d(images.float(), patch_size).flatten(2)               # B x 3 x N
+    levels = torch.bucketize(means, means.new_tensor([-0.75, 0.0, 0.75]))      # B x 3 x N, 0..3
+    return levels[:, 0] * 16 + levels[:, 1] * 4 + levels[:, 2]
+
+
+def entropy_spikes(entropy, window=1):
+    """Dynamic Token Pooling's rule: position t spikes when its entropy exceeds that of each of
+    the `window` positions before it (the first positions compare with those there are)."""
+    spikes = torch.ones_like(entropy, dtype=torch.bool)
+    for k in range(1, window + 1):
+        spikes[:, k:] &= entropy[:, k:] > entropy[:, :-k]
+    return spikes
+
+
+def entropy_targets(entropy, segments, window=1):
+    """B x N boundary targets from the entropy model's per-patch entropy (entropy[:, i]: how
+    unpredictable patch i+1 is, so a spike ends a segment at patch i). Rate-matched to the
+    budget: besides the last patch, the `segments - 1` spikes of highest entropy, topped up
+    with the highest non-spikes when an image has fewer spikes, so every image gets exactly
+    `segments` targets, as many as DRIP's expected segment count."""
+    H = entropy[:, :-1]                                                        # B x N-1
+    score = torch.where(entropy_spikes(H, window), H + H.max() - H.min() + 1, H)  # spikes first
+    rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    chosen = (rank < segments - 1).to(entropy.dtype)
+    return torch.cat([chosen, torch.ones_like(chosen[:, :1])], 1)
 
 
 # -----------------------------------------------------------------------------
@@ -404,6 +442,29 @@ class BoundaryPredictor(nn.Module):
         self.rate_offset += self.rate_gain * (p - rate)
 
 
+class EntropyModel(nn.Module):
+    """`--boundaries entropy`, training only: one causal block over the patch tokens in raster
+    order (patch i sees patches <= i) predicting the next patch's word (patch_words). It
+    learns from its own likelihood loss on detached tokens, so it never shapes the tower; its
+    entropy at patch i, how unpredictable patch i+1 is, gives the predictor its targets."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.block = ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.quick_gelu)
+        self.ln = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, PATCH_WORDS)
+
+    def forward(self, tokens, words=None):
+        """B x N x D patch tokens (and B x N words) -> (B x N entropies in nats, detached; the mean
+        next-word loss over positions 0..N-2, or None without words)."""
+        logits = self.head(self.ln(self.block(tokens.detach(), is_causal=True))).float()  # B x N x words
+        log_p = logits.log_softmax(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1).detach()
+        if words is None:
+            return entropy, None
+        return entropy, F.cross_entropy(logits[:, :-1].flatten(0, 1), words[:, 1:].flatten())
+
+
 class VisionOutput(NamedTuple):
     embedding: Optional[torch.Tensor]   # B x embed_dim: CLS after ln_post and proj (None for forward_features)
     tokens: torch.Tensor                # B x S x D: patch or segment tokens (no CLS) from the last layer run
@@ -431,6 +492,7 @@ class VisionTransformer(nn.Module):
         rest = min(max((self.num_patches / cfg.compress - 1) / (self.num_patches - 1), 1e-3), 1 - 1e-3)
         drip = cfg.compress > 1 and cfg.reducer == "drip"
         self.boundary_predictor = BoundaryPredictor(cfg.width, rest) if drip else None
+        self.entropy_model = EntropyModel(cfg) if drip and cfg.boundaries == "entropy" else None
         other = cfg.compress > 1 and cfg.reducer != "drip"
         self.reducer = REDUCER_CLASSES[cfg.reducer](cfg) if other else None  # another way to shorten (reducers.py)
         self.apply(init_weights)
@@ -438,35 +500,62 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.02)
         nn.init.normal_(self.proj, std=cfg.width ** -0.5)
 
-    def shorten(self, x, sample, boundaries=None):
+    def shorten(self, x, sample, boundaries=None, images=None):
         """Cut patch tokens into segments and mean-pool them; CLS stays in front of each image.
 
         x: B x (1+N) x D -> the T x D packed real tokens (T = sum of 1 + S_b) and their
-        Packing, the boundaries, and the prior loss. Given `boundaries` (B x N, last patch
+        Packing, the boundaries, and the auxiliary loss. Given `boundaries` (B x N, last patch
         1) replace the predicted ones, e.g. to count FLOPs at an exact rate.
+
+        gumbel: sampled while training (the task trains the predictor through them), the
+        eval rule otherwise; the loss is the binomial prior. entropy: in training and eval the
+        round(N / compress) - 1 patches of highest logit and the last one (hard, no gradient
+        from the task: the budget is exact in every image); while training, the loss is the
+        predictor's binary cross-entropy against the entropy model's rate-matched spikes plus
+        that model's own next-word loss on `images`.
         """
         logits = self.boundary_predictor(x[:, 1:]).float()     # B x N, float32 even under autocast
-        if boundaries is None and sample:
+        entropy_mode = self.entropy_model is not None
+        if boundaries is None and sample and not entropy_mode:
             boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
-        elif boundaries is None:
-            boundaries = eval_boundaries(logits)
+        elif boundaries is None:  # entropy: as many segments in every image as its targets have
+            boundaries = eval_boundaries(logits, expected_segments(self.cfg) if entropy_mode else None)
+        if not entropy_mode:
+            loss = boundary_loss(boundaries, 1 / self.cfg.compress)
+        elif sample:
+            entropy, word_loss = self.entropy_model(x[:, 1:], patch_words(images, self.cfg.patch_size))
+            targets = entropy_targets(entropy, expected_segments(self.cfg))
+            loss = F.binary_cross_entropy_with_logits(logits[:, :-1], targets[:, :-1]) + word_loss
+        else:
+            loss = logits.new_zeros(())
         # on GPU the callers' padded layout is rounded up to a multiple of 8: fewer distinct shapes
         packing = packing_plan(1 + boundaries.detach().sum(1).long(), multiple=8 if x.is_cuda else 1)
         pooled = pool_segments(x[:, 1:], boundaries, segments=packing.valid.shape[1] - 1)  # B x S x D
         x = pack(torch.cat([x[:, :1], pooled], 1), packing)    # T x D
-        return x, packing, boundaries, boundary_loss(boundaries, 1 / self.cfg.compress)
+        return x, packing, boundaries, loss
+
+    def embed(self, images):
+        """B x 3 x H x W -> B x (1+N) x D: CLS and the patch tokens in raster order, with positions."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)      # B x N x D
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], 1)
+        return self.ln_pre(x + self.positional_embedding.to(x.dtype))
+
+    @torch.no_grad()
+    def patch_entropy(self, images):
+        """B x N: the entropy model's uncertainty (nats) about the patch after each (entropy towers)."""
+        x = self.embed(images)
+        for i in range(self.cfg.pre_layers):
+            x = self.transformer.run_block(i, x)
+        return self.entropy_model(x[:, 1:])[0]
 
     def run(self, images, sample, last_layer, boundaries=None):
         """Blocks 0..last_layer; returns B x (1+S) x D tokens, which are real, and what pooling produced."""
-        B = images.shape[0]
-        x = self.conv1(images).flatten(2).transpose(1, 2)      # B x N x D, raster order
-        x = torch.cat([self.class_embedding.expand(B, 1, -1).to(x.dtype), x], 1)  # B x (1+N) x D
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.embed(images)
         packing = None
         aux_loss, rate = x.new_zeros(()), x.new_ones(())
         for i in range(last_layer + 1):
             if i == self.cfg.pre_layers and self.boundary_predictor is not None:
-                x, packing, boundaries, aux_loss = self.shorten(x, sample, boundaries)  # from here on T x D
+                x, packing, boundaries, aux_loss = self.shorten(x, sample, boundaries, images)  # from here on T x D
                 rate = boundaries.detach().mean()
             if self.reducer is not None and i == self.reducer.start:  # it runs the remaining blocks itself
                 return self.reducer.run(self.transformer, x, last_layer, sample)

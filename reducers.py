@@ -44,7 +44,9 @@ def describe_reducer(cfg: CLIPConfig):
         return (f"dynamicvit: keep rate rho = {rho:.3f} before blocks {dynamicvit_stages(cfg)}, "
                 f"patch tokens {kept}, at DRIP's {cfg.compress:g}x MACs")
     what = "expected " if cfg.reducer == "drip" else ""
-    return f"{cfg.reducer}: {N} -> {what}{S} patch tokens before block {cfg.pre_layers}"
+    how = (", boundaries learnt from entropy spikes (an entropy model in training only)"
+           if cfg.reducer == "drip" and cfg.boundaries == "entropy" else "")
+    return f"{cfg.reducer}: {N} -> {what}{S} patch tokens before block {cfg.pre_layers}{how}"
 
 
 def attention_with_keys(attn: Attention, x, bias=None, key_weight=None):

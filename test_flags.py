@@ -76,6 +76,9 @@ BAD_VALUES = [
     # train_clip.py, every option
     ("train_clip.py", ["--model", "ViT-X"], "--model must be one of"),
     ("train_clip.py", ["--reducer", "pool"], "--reducer must be one of"),
+    ("train_clip.py", ["--boundaries", "spikes"], "--boundaries must be one of gumbel, entropy"),
+    ("train_clip.py", ["--boundaries", "entropy", "--reducer", "tome", "--compress", "4"],
+     "--boundaries entropy trains DRIP's boundary predictor: it needs --compress > 1 and --reducer drip"),
     ("train_clip.py", ["--compress", "0.5"], "compress must be a number >= 1"),
     ("train_clip.py", ["--pre_layers", "-1"], "--pre_layers must be >= 0"),
     ("train_clip.py", ["--compress", "4", "--pre_layers", "9"], "pre_layers must be between 1 and layers-1"),
@@ -112,6 +115,8 @@ BAD_VALUES = [
     # train_imagenet.py, every option
     ("train_imagenet.py", ["--model", "ViT-X"], "--model must be one of"),
     ("train_imagenet.py", ["--reducer", "pool"], "--reducer must be one of"),
+    ("train_imagenet.py", ["--boundaries", "spikes"], '--boundaries must be one of "" (empty), gumbel, entropy'),
+    ("train_imagenet.py", ["--boundaries", "entropy"], "--boundaries entropy trains DRIP's boundary predictor"),
     ("train_imagenet.py", ["--compress", "-1"], "--compress must be >= 0"),
     ("train_imagenet.py", ["--compress", "0.5"], "compress must be a number >= 1"),
     ("train_imagenet.py", ["--train_data", f"{F}/missing-{{0..3}}.tar", "--val_data", f"{F}/shard.tar"],
@@ -219,6 +224,7 @@ BAD_VALUES = [
     ("flops.py", ["--compress", "0.5"], "--compress values must be >= 1"),
     ("flops.py", ["--compress", "four"], "argument --compress: invalid float value"),
     ("flops.py", ["--pre_layers", "-1"], "--pre_layers must be >= 0"),
+    ("flops.py", ["--boundaries", "spikes"], "argument --boundaries: invalid choice"),
     ("flops.py", ["--pre_layers", "one"], "argument --pre_layers: invalid int value"),
     ("flops.py", ["--json=yes"], "ignored explicit argument"),
     ("flops.py", ["--ckpt", f"{F}/nothing.pt", "--images", f"{F}/folder/a"], "--ckpt: no checkpoint"),
@@ -247,6 +253,8 @@ BAD_VALUES = [
     # visualize.py (argparse: it takes several images and checkpoints), every option
     ("visualize.py", [], "give images, --stats DIR or --object_ratio N"),
     ("visualize.py", [f"{F}/folder/a/0.jpg"], "no DRIP checkpoint under out/"),
+    ("visualize.py", [f"{F}/folder/a/0.jpg", "--boundaries", "entropy"],
+     "no DRIP entropy checkpoint under out/: train one with `python train_clip.py --compress 4 --boundaries entropy`"),
     ("visualize.py", [f"{F}/folder/a/0.jpg", "--ckpt", f"{F}/nothing.pt"], "--ckpt: no checkpoint"),
     ("visualize.py", [f"{F}/folder/a/0.jpg", "--ckpt", f"{F}/notes.txt"], "is not a train_clip.py checkpoint"),
     ("visualize.py", [f"{F}/folder/a/0.jpg", "--ckpt", f"{F}/clip_c1.pt"], "is a plain ViT"),

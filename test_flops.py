@@ -156,3 +156,31 @@ def test_readme_shows_what_its_flops_command_prints():
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.splitlines()[:len(shown)] == shown
     assert "not counted" in result.stdout and "aten::" not in result.stdout  # fvcore's skipped ops, said calmly
+
+
+@pytest.mark.parametrize("name", ["tiny", "ViT-B-16"])
+def test_entropy_models_training_cost_matches_fvcore_and_eval_costs_what_drip_costs(name):
+    """--boundaries entropy: eval MACs are DRIP's (the entropy model does not run); the training-only
+    extra, analytic, is fvcore's count of the entropy model."""
+    from flops import entropy_training_macs
+
+    class Entropy(torch.nn.Module):  # the entropy model's forward with its entropies as the one output
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):
+            return self.model(tokens)[0]
+
+    cfg = make_config(name, compress=4, boundaries="entropy")
+    torch.manual_seed(0)
+    model = CLIP(cfg).eval()
+    counted = fvcore_macs(Entropy(model.visual.entropy_model), (torch.randn(1, cfg.num_patches, cfg.width),), Counter())
+    assert counted == pytest.approx(entropy_training_macs(cfg), rel=0.01)
+    gumbel = make_config(name, compress=4)
+    assert image_tower_macs(cfg) == image_tower_macs(gumbel)
+    images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    boundaries = even_boundaries(1, cfg.num_patches, round(cfg.num_patches / 4))
+    with_entropy = fvcore_macs(ImageTower(model.visual, boundaries), (images,), Counter())
+    plain = fvcore_macs(ImageTower(CLIP(gumbel).eval().visual, boundaries), (images,), Counter())
+    assert with_entropy == plain

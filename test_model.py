@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CLIP, VisionTransformer, boundary_loss, eval_boundaries, even_boundaries, force_last_boundary,
-                   make_config, pack, packed_attention, packing_plan, pool_segments, sample_boundaries, unpack, use_varlen)
+from model import (CLIP, VisionTransformer, boundary_loss, entropy_spikes, entropy_targets, eval_boundaries, even_boundaries,
+                   force_last_boundary, make_config, pack, packed_attention, packing_plan, patch_words, pool_segments,
+                   sample_boundaries, unpack, use_varlen)
 
 
 def naive_pool(x, boundaries):
@@ -572,3 +573,92 @@ def test_predictor_starts_at_the_target_rate(name, compress):
     sampled = force_last_boundary(sample_boundaries(logits)).sum(1).mean().item()
     assert sampled == pytest.approx(N / compress, rel=0.03)
     assert eval_boundaries(logits).sum(1).unique().tolist() == [round(N / compress)]
+
+
+# ----------------------------------------------------------------------------- entropy-spike boundaries (DTP)
+
+def naive_spikes(entropy, window):
+    """DTP's rule written out: position t spikes when its entropy exceeds each of the `window` before it."""
+    return [[all(row[t] > row[t - k] for k in range(1, window + 1) if t - k >= 0) for t in range(len(row))]
+            for row in entropy.tolist()]
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_entropy_spikes_match_a_written_out_loop(window):
+    entropy = torch.tensor([[0.5, 0.2, 0.9, 0.1, 0.4, 0.3, 1.5, 1.4, 0.0, 2.0],
+                            [1.0, 1.0, 1.0, 2.0, 0.5, 0.6, 0.7, 0.1, 0.2, 0.3]])
+    assert entropy_spikes(entropy, window).tolist() == naive_spikes(entropy, window)
+    torch.manual_seed(0)
+    entropy = torch.rand(16, 35)
+    assert entropy_spikes(entropy, window).tolist() == naive_spikes(entropy, window)
+
+
+def test_entropy_targets_are_rate_matched_and_take_the_highest_spikes_first():
+    torch.manual_seed(0)
+    entropy = torch.rand(32, 36)
+    targets = entropy_targets(entropy, segments=9)
+    assert targets.sum(1).tolist() == [9.0] * 32 and targets[:, -1].tolist() == [1.0] * 32
+    for row, chosen in zip(entropy, targets):  # written out: spikes by entropy, then the rest by entropy
+        H = row[:-1].tolist()
+        spikes = naive_spikes(row[None, :-1], 1)[0]
+        order = sorted(range(35), key=lambda i: (not spikes[i], -H[i]))
+        assert sorted(order[:8]) == chosen[:-1].nonzero().flatten().tolist()
+
+
+def entropy_tower():
+    torch.manual_seed(0)
+    return VisionTransformer(make_config("tiny", compress=4, boundaries="entropy"))
+
+
+def test_entropy_model_is_causal():
+    """The prediction of patch p is made at position p-1 from patches <= p-1: changing patch j leaves the
+    predictions of patches <= j unchanged (positions < j), and changes the next one's."""
+    model = entropy_tower().entropy_model.eval()
+    tokens = torch.randn(2, 36, 128)
+    for j in (0, 7, 20, 35):
+        changed = tokens.clone()
+        changed[:, j] += torch.randn(2, 128)
+        before, after = model(tokens)[0], model(changed)[0]
+        torch.testing.assert_close(before[:, :j], after[:, :j], rtol=0, atol=0)
+        assert not torch.allclose(before[:, j], after[:, j])
+
+
+def test_entropy_targets_carry_no_gradient_into_the_entropy_model_nor_its_loss_into_the_tower():
+    tower = entropy_tower().train()
+    images = torch.randn(4, 3, 48, 48)
+    tokens = tower.transformer.run_block(0, tower.embed(images))[:, 1:]
+    entropy, word_loss = tower.entropy_model(tokens, patch_words(images, 8))
+    targets = entropy_targets(entropy, 9)
+    assert not entropy.requires_grad and not targets.requires_grad
+    logits = tower.boundary_predictor(tokens).float()
+    F.binary_cross_entropy_with_logits(logits[:, :-1], targets[:, :-1]).backward(retain_graph=True)
+    assert all(p.grad is None for p in tower.entropy_model.parameters())  # the targets: no gradient into it
+    assert tower.boundary_predictor.out.weight.grad is not None
+    tower.zero_grad(set_to_none=True)
+    word_loss.backward()
+    assert all(p.grad is not None for p in tower.entropy_model.parameters())
+    assert tower.conv1.weight.grad is None  # its own loss trains it alone: it reads detached tokens
+
+
+def test_patch_words_are_each_patchs_quantised_mean_colour():
+    images = torch.zeros(1, 3, 16, 16)
+    images[0, :, :8, :8] = torch.tensor([-1.0, 0.5, 1.0])[:, None, None]   # patch 0: levels 0, 2, 3
+    images[0, :, :8, 8:] = torch.tensor([0.8, -0.5, -0.2])[:, None, None]   # patch 1: levels 3, 1, 1
+    # patches 2 and 3 are 0 in every channel: on the cut at 0, which takes the lower level, 1
+    assert patch_words(images, 8).tolist() == [[0 * 16 + 2 * 4 + 3, 3 * 16 + 1 * 4 + 1, 1 * 16 + 1 * 4 + 1,
+                                                1 * 16 + 1 * 4 + 1]]
+
+
+def test_entropy_tower_holds_the_rate_and_costs_what_drip_costs_in_eval():
+    """Training and eval keep round(N/compress) boundaries at the start (exactly on target), the
+    auxiliary loss is the BCE plus the word loss in training, nothing in eval; eval runs no entropy model."""
+    tower = entropy_tower()
+    images = torch.randn(8, 3, 48, 48)
+    trained = tower.train()(images)
+    assert trained.boundaries.sum(1).tolist() == [9.0] * 8 and trained.aux_loss > 0
+    calls = []
+    tower.entropy_model.register_forward_hook(lambda *args: calls.append(1))
+    evaluated = tower.eval()(images)
+    assert evaluated.boundaries.sum(1).tolist() == [9.0] * 8 and evaluated.aux_loss == 0 and not calls
+    gumbel = VisionTransformer(make_config("tiny", compress=4))
+    assert {k for k in tower.state_dict() if not k.startswith("entropy_model.")} == set(gumbel.state_dict())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data import write_shapes_dataset
-from model import make_config
+from model import CLIP, CLIPConfig, make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--batch_size", "16", "--workers", "0", "--log_every", "1", "--warmup_steps", "2"]
@@ -192,3 +192,21 @@ def test_resume_with_another_configuration_is_refused(data_dir, tmp_path):
     result = run(["--data_dir", data_dir, "--out_dir", out, "--compress", "4", "--resume"] + FAST, check=False)
     assert result.returncode != 0
     assert "checkpoint of another configuration: compress=1.0 (now 4.0)" in result.stderr
+
+
+def test_entropy_boundaries_hold_the_rate_and_train_every_part(data_dir, tmp_path):
+    """--boundaries entropy: a short run ends with train and eval boundary rates within 0.01 of the
+    target, its predictor and entropy model trained, in its own default folder name."""
+    out = str(tmp_path / "entropy")
+    result = run(["--data_dir", data_dir, "--out_dir", out, "--compress", "4", "--epochs", "2", "--boundaries", "entropy"]
+                 + FAST)
+    assert "boundaries learnt from entropy spikes" in result.stdout
+    last = metrics(out)[-1]
+    assert abs(last["train_boundary_rate"] - 0.25) <= 0.01 and abs(last["eval_boundary_rate"] - 0.25) <= 0.01
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert saved["model_config"]["boundaries"] == "entropy"
+    fresh = CLIP(CLIPConfig(**saved["model_config"])).state_dict()
+    for part in ("visual.entropy_model.head.weight", "visual.boundary_predictor.out.weight"):
+        assert not torch.equal(saved["model"][part], fresh[part])
+    refused = run(["--data_dir", data_dir, "--compress", "1", "--boundaries", "entropy"], check=False)
+    assert refused.returncode != 0 and "--boundaries entropy trains DRIP's boundary predictor" in refused.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import make_shape_image
+from data import image_transform, make_shape_image
 from model import CLIP, make_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,3 +111,27 @@ def test_newest_drip_checkpoint_passes_over_other_scripts_checkpoints(checkpoint
     os.makedirs(tmp_path / "imagenet_tiny_c4")
     torch.save({"model": {}, "model_config": saved["model_config"], "num_classes": 36}, tmp_path / "imagenet_tiny_c4" / "ckpt.pt")
     assert newest_checkpoint("drip", str(tmp_path)) == str(tmp_path / "clip_tiny_c4" / "ckpt.pt")
+
+
+def test_an_entropy_tower_is_drawn_beside_its_entropy_map(tmp_path):
+    """--boundaries entropy: the panel gets a third square, the entropy model's map, brighter where the
+    next patch is less predictable; without --ckpt the newest entropy checkpoint is the one drawn."""
+    cfg = make_config("tiny", compress=4, boundaries="entropy")
+    torch.manual_seed(0)
+    model = CLIP(cfg)
+    os.makedirs(tmp_path / "out" / "clip_tiny_entropy_c4")
+    torch.save({"model": model.state_dict(), "model_config": cfg.__dict__, "run_config": {"model": "tiny"},
+                "tokenizer": ""}, tmp_path / "out" / "clip_tiny_entropy_c4" / "ckpt.pt")
+    image, _ = make_shape_image(random.Random(2), 7, size=48)
+    image.save(tmp_path / "shape.png")
+    result = visualize(str(tmp_path / "shape.png"), "--boundaries", "entropy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "the newest drip-entropy checkpoint: " + os.path.join("out", "clip_tiny_entropy_c4", "ckpt.pt") in result.stdout
+    size = 6 * 48
+    with Image.open(tmp_path / "out" / "visualize" / "shape_drip.png") as png:
+        assert png.size == (3 * size + 2 * 8, size + 36 + 22)
+        heat = np.asarray(png.convert("RGB"))[36:36 + size, 2 * (size + 8):].astype(int)
+    with torch.no_grad():
+        entropy = model.visual.patch_entropy(image_transform(48)(image.convert("RGB"))[None])[0]
+    brightness = [heat[r * 48 + 10, c * 48 + 10].sum() for r in range(6) for c in range(6)]
+    assert brightness.index(max(brightness)) == int(entropy.argmax()) and brightness.index(min(brightness)) == int(entropy.argmin())

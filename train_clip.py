@@ -30,7 +30,7 @@ import webdataset as wds
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_file, check_options,
+from common import (Progress, all_reduce_sum, all_rng_states, autocast_context, check_boundaries, check_file, check_options,
                     EpochMeter, check_shared_folder, check_writable, classification_accuracy, clip_run_dir, cosine_lr,
                     die, gather_with_grad, load_weights_file, log_record, mean_over_ranks, parse_overrides,
                     read_resume_checkpoint, restore_checkpoint, save_checkpoint, seed_per_rank, setup_distributed)
@@ -47,6 +47,7 @@ _before = set(globals())  # what the defaults block below adds are the script's 
 model = "tiny"              # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336
 compress = 1.0              # DRIP compression; 1 = plain ViT
 reducer = "drip"            # drip | uniform | tome | dynamicvit | tokenlearner | group (the others at DRIP's MACs)
+boundaries = "gumbel"       # DRIP's predictor: gumbel (trained through the task) | entropy (trained on entropy spikes, DTP)
 pre_layers = 0              # blocks before pooling; 0 = the model's default
 train_data = ""             # webdataset shards, e.g. 'shards/{00000..01023}.tar'; empty = built-in shapes
 train_num_samples = 0       # samples per epoch (required with --train_data)
@@ -57,14 +58,14 @@ tokenizer = ""              # tokenizer.json or bpe_simple_vocab_16e6.txt.gz; em
 init_from = ""              # open_clip / OpenAI CLIP weights or a train_clip.py checkpoint (.pt/.bin/.safetensors)
 quick_gelu = False          # True for OpenAI's CLIP weights
 data_dir = "data"           # where the built-in data is written
-out_dir = ""                # empty = out/clip_<model>_c<compress>, out/clip_<model>_<reducer>_c<compress> for other reducers
+out_dir = ""                # empty = out/clip_<model>_c<compress>; _<reducer> or _entropy before _c<compress> for those
 epochs = 6
 batch_size = 128            # per rank
 lr = 1e-3
 warmup_steps = 50
 weight_decay = 0.2          # on matrices only
 beta1, beta2, eps = 0.9, 0.98, 1e-6
-boundary_loss_weight = 1.0  # lambda of the binomial prior (of DynamicViT's keep-ratio loss with --reducer dynamicvit)
+boundary_loss_weight = 1.0  # lambda of the binomial prior (DynamicViT's keep-ratio loss, the entropy predictor's loss)
 grad_clip = 1.0             # 0 = off
 workers = 1                 # data loader processes per rank
 seed = 0
@@ -155,14 +156,16 @@ def contrastive_loss(image_features, text_features, logit_scale):
 check_options(config, positive=["epochs", "batch_size", "lr", "eps", "log_every", "checkpoint_every"],
               non_negative=["pre_layers", "train_num_samples", "warmup_steps", "weight_decay", "boundary_loss_weight",
                             "grad_clip", "workers", "seed", "max_steps"],
-              fractions=["beta1", "beta2"], choices={"model": list(CONFIGS), "reducer": REDUCERS})
-overrides = ({"compress": compress, "reducer": reducer, "quick_gelu": quick_gelu}
+              fractions=["beta1", "beta2"], choices={"model": list(CONFIGS), "reducer": REDUCERS,
+                                                     "boundaries": ["gumbel", "entropy"]})
+check_boundaries(boundaries, reducer, compress)
+overrides = ({"compress": compress, "reducer": reducer, "quick_gelu": quick_gelu, "boundaries": boundaries}
              | ({"pre_layers": pre_layers} if pre_layers else {}))
 try:
     model_config = make_config(model, **overrides)
 except ValueError as e:
     die(f"{e}; check --compress/--pre_layers")
-out_dir = out_dir or clip_run_dir(model, model_config.compress, reducer)
+out_dir = out_dir or clip_run_dir(model, model_config.compress, reducer, boundaries)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")
 if eval_only and not init_from and not resume:
@@ -194,7 +197,8 @@ if use_builtin:
 master = rank == 0
 seed_per_rank(seed)  # DDP makes the weights alike
 dtype, autocast = autocast_context(device, dtype)
-checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers/--reducer") if resume else None
+checkpoint = (read_resume_checkpoint(ckpt_path, model_config, "--model/--compress/--pre_layers/--reducer/--boundaries")
+              if resume else None)
 # the model and its starting weights before any data is written: weights of another size stop the run here
 raw_model = CLIP(model_config).to(device)
 raw_model.visual.transformer.grad_checkpointing = grad_checkpointing

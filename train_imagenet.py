@@ -32,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from common import (EpochMeter, Progress, all_reduce_sum, all_rng_states, autocast_context, check_options, check_shared_folder,
-                    check_writable, classification_accuracy, cosine_lr, die, load_weights_file, log_record, mean_over_ranks,
-                    parse_overrides, read_resume_checkpoint, reducer_tag, restore_checkpoint,
+from common import (EpochMeter, Progress, all_reduce_sum, all_rng_states, autocast_context, check_boundaries, check_options,
+                    check_shared_folder, check_writable, classification_accuracy, cosine_lr, die, load_weights_file,
+                    log_record, mean_over_ranks, parse_overrides, read_resume_checkpoint, reducer_tag, restore_checkpoint,
                     save_checkpoint, seed_per_rank, setup_distributed)
 from data import (CLIP_MEAN, CLIP_STD, builtin_shapes, decode_batches, expand_shards, folder_batches, image_folder,
                   image_transform)
@@ -48,6 +48,7 @@ _before = set(globals())  # what the defaults block below adds are the script's 
 model = ""                  # tiny | ViT-B-32 | ViT-B-16 | ViT-L-14 | ViT-L-14-336; empty = the --init_from checkpoint's, else tiny
 compress = 0.0              # DRIP compression; 0 = the --init_from checkpoint's, else 1 (plain ViT)
 reducer = ""                # drip | uniform | tome | dynamicvit | tokenlearner | group (at DRIP's MACs); empty = the checkpoint's, else drip
+boundaries = ""             # DRIP's predictor: gumbel | entropy (trained on entropy spikes); empty = the checkpoint's, else gumbel
 train_data = ""             # ImageFolder (e.g. imagenet/train) or webdataset shards with .cls labels, e.g. 'train/{0000..1023}.tar'; empty = built-in shapes
 val_data = ""               # ImageFolder or shards, for evaluation; required with --train_data
 train_num_samples = 0       # samples per epoch, with training shards
@@ -150,7 +151,8 @@ check_options(config, positive=["epochs", "batch_size", "lr", "backbone_lr_scale
                                 "lr_find_steps"],
               non_negative=["compress", "train_num_samples", "num_classes", "warmup_steps", "weight_decay", "mixup",
                             "boundary_loss_weight", "workers", "seed", "max_steps"],
-              fractions=["label_smoothing"], choices={"model": [""] + list(CONFIGS), "reducer": ("",) + REDUCERS})
+              fractions=["label_smoothing"], choices={"model": [""] + list(CONFIGS), "reducer": ("",) + REDUCERS,
+                                                               "boundaries": ["", "gumbel", "entropy"]})
 if bool(train_data) != bool(val_data):
     die("--train_data and --val_data go together (ImageFolders or shards with .cls labels)")
 if not train_data and os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
@@ -174,21 +176,28 @@ if weights is not None and "model_config" in weights:
     if reducer and reducer != model_config.reducer:
         die(f"--reducer {reducer} contradicts {init_from}, a {model_config.reducer} tower; "
             "drop --reducer or give another --init_from")
+    if boundaries and boundaries != model_config.boundaries:
+        die(f"--boundaries {boundaries} contradicts {init_from}, a {model_config.boundaries} tower; "
+            "drop --boundaries or give another --init_from")
     if model and model != saved_model:
         die(f"--model {model} contradicts {init_from}, a {saved_model} tower; drop --model or give another --init_from")
     model = saved_model
 else:
     model = model or "tiny"
+    check_boundaries(boundaries, reducer, compress or 1.0)
     try:
-        model_config = make_config(model, compress=compress or 1.0, reducer=reducer or "drip")
+        model_config = make_config(model, compress=compress or 1.0, reducer=reducer or "drip",
+                                   boundaries=boundaries or "gumbel")
     except ValueError as e:
         die(f"{e}; check --compress")
-config |= {"model": model, "compress": model_config.compress, "reducer": model_config.reducer}
-tag = "" if model_config.compress == 1 else reducer_tag(model_config.reducer)
+config |= {"model": model, "compress": model_config.compress, "reducer": model_config.reducer,
+           "boundaries": model_config.boundaries}
+tag = "" if model_config.compress == 1 else reducer_tag(model_config.reducer, model_config.boundaries)
 out_dir = config["out_dir"] = out_dir or f"out/imagenet_{model}{tag}_c{model_config.compress:g}"
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 check_writable(out_dir, "--out_dir")
-checkpoint = read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress/--reducer") if resume else None
+checkpoint = (read_resume_checkpoint(ckpt_path, model_config, "--init_from/--model/--compress/--reducer/--boundaries")
+              if resume else None)
 
 rank, world_size, device = setup_distributed()
 check_shared_folder(out_dir, "--out_dir")

@@ -7,6 +7,7 @@ patches drawn on it, beside the segments in their own colours.
     python visualize.py --stats data/shapes/val                # segments-per-image histogram and mean rate
     python visualize.py --object_ratio 500                     # on generated shapes: do boundaries find the object?
     python visualize.py img.jpg --reducer uniform              # newest checkpoint of train_clip.py --reducer uniform
+    python visualize.py img.jpg --boundaries entropy           # newest entropy-spike tower, with its entropy map
 
 PNGs go to --out_dir (default out/visualize, never next to the image: a picture written into a
 dataset folder would be read back as data); the --stats histogram
@@ -35,18 +36,22 @@ HEADER = 36  # pixels of title above a panel
 LEGEND = 22  # pixels of legend below it
 
 
-def newest_checkpoint(reducer, root="out"):
-    """The most recently written train_clip.py checkpoint with compress > 1 and this reducer (memory-mapped:
-    only its config is read, not its weights; train_imagenet.py and train_llava.py checkpoints are passed over)."""
+def newest_checkpoint(reducer, root="out", predictor="gumbel"):
+    """The most recently written train_clip.py checkpoint with compress > 1, this reducer and (for drip)
+    this predictor (memory-mapped: only its config is read, not its weights; train_imagenet.py and
+    train_llava.py checkpoints are passed over)."""
     for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=os.path.getmtime, reverse=True):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception:  # a checkpoint of an older torch format or a stray file: not ours to draw
             continue
         cfg = checkpoint.get("model_config", {})
-        if "tokenizer" in checkpoint and cfg.get("compress", 1) > 1 and cfg.get("reducer", "drip") == reducer:
+        if ("tokenizer" in checkpoint and cfg.get("compress", 1) > 1 and cfg.get("reducer", "drip") == reducer
+                and (reducer != "drip" or cfg.get("boundaries", "gumbel") == predictor)):
             return path
     name, flag = ("DRIP", "") if reducer == "drip" else (reducer, f" --reducer {reducer}")
+    if reducer == "drip" and predictor == "entropy":
+        name, flag = "DRIP entropy", " --boundaries entropy"
     die(f"no {name} checkpoint under {root}/: train one with `python train_clip.py --compress 4{flag}`, or pass --ckpt PATH")
 
 
@@ -87,10 +92,25 @@ def draw_segments(panel, segment, boundaries, grid):
     return panel
 
 
-def render_panel(image, boundaries, title, image_size):
+def entropy_map(entropy, grid):
+    """The entropy model's uncertainty about the patch after each patch, dark (low) to bright yellow
+    (high), over this image's range: what an entropy tower's predictor learnt to cut at."""
+    low, high = float(entropy.min()), float(entropy.max())
+    heat = Image.new("RGB", (grid * CELL, grid * CELL))
+    draw = ImageDraw.Draw(heat)
+    for i, value in enumerate(entropy.tolist()):
+        t = (value - low) / max(high - low, 1e-9)
+        row, col = divmod(i, grid)
+        draw.rectangle([col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1],
+                       fill=(int(255 * t), int(220 * t), int(60 + 40 * t)))
+    return heat
+
+
+def render_panel(image, boundaries, title, image_size, entropy=None):
     """Side by side: the part of `image` the model sees, at display size, with the segment borders
-    and boundary patches drawn on it; and the segments, each in its own colour. A header says
-    the model's input and what was cropped, a legend says what the marks are."""
+    and boundary patches drawn on it; the segments, each in its own colour; for an entropy tower
+    the entropy map it learnt from. A header says the model's input and what was cropped, a
+    legend says what the marks are."""
     N = len(boundaries)
     grid = int(round(N ** 0.5))
     size = grid * CELL
@@ -106,10 +126,14 @@ def render_panel(image, boundaries, title, image_size):
     W, H = image.size
     cropped = "nothing cropped" if W == H else f"centre {side} x {side} of {W} x {H}"
     header = [title, f"model input {image_size} x {image_size} px ({cropped}), {grid} x {grid} patches"]
-    legend = "lines: segment borders; white dots: boundary patches (a segment ends there); right: one colour a segment"
-    framed = Image.new("RGB", (2 * size + 8, size + HEADER + LEGEND), "white")
-    framed.paste(draw_segments(photo, segment, boundaries, grid), (0, HEADER))
-    framed.paste(draw_segments(segments, segment, boundaries, grid), (size + 8, HEADER))
+    legend = "lines: segment borders; white dots: boundary patches (a segment ends there); middle: one colour a segment"
+    squares = [draw_segments(photo, segment, boundaries, grid), draw_segments(segments, segment, boundaries, grid)]
+    if entropy is not None:
+        legend += f"; right: entropy of the next patch, {float(entropy.min()):.2f} (dark) to {float(entropy.max()):.2f} nats"
+        squares.append(draw_segments(entropy_map(entropy, grid), segment, boundaries, grid))
+    framed = Image.new("RGB", (len(squares) * (size + 8) - 8, size + HEADER + LEGEND), "white")
+    for n, square in enumerate(squares):
+        framed.paste(square, (n * (size + 8), HEADER))
     draw = ImageDraw.Draw(framed)
     for n, line in enumerate(header):
         draw.text((4, 4 + 15 * n), line, fill="black")
@@ -123,6 +147,8 @@ def describe(checkpoint, boundaries, sample, seed):
     k, N = int(boundaries.sum()), len(boundaries)
     mode = f", sampled seed {seed}" if sample else ""
     reducer = cfg.get("reducer", "drip")
+    if cfg.get("boundaries") == "entropy":
+        reducer = "drip-entropy"
     return f"{name}{'' if reducer == 'drip' else ' ' + reducer} {cfg['compress']:g}x: {k} segments of {N} patches, rate {k / N:.2f}{mode}"
 
 
@@ -134,7 +160,11 @@ def render_file(path, models, out_dir, sample, seed):
         if sample:
             torch.manual_seed(seed)
         boundaries = boundaries_of(model, image, sample)
-        panels.append(render_panel(image, boundaries, describe(checkpoint, boundaries, sample, seed), model.cfg.image_size))
+        entropy = None
+        if model.visual.entropy_model is not None:
+            entropy = model.visual.patch_entropy(image_transform(model.cfg.image_size)(image)[None])[0]
+        panels.append(render_panel(image, boundaries, describe(checkpoint, boundaries, sample, seed), model.cfg.image_size,
+                                   entropy))
     width = sum(p.width for p in panels) + 16 * (len(panels) - 1)
     sheet = Image.new("RGB", (width, max(p.height for p in panels)), "white")
     x = 0
@@ -212,6 +242,8 @@ def main():
     parser.add_argument("--object_ratio", type=int, metavar="N", help="boundary/object ratio on N generated shapes")
     parser.add_argument("--reducer", default="drip", choices=["drip", "uniform"],
                         help="without --ckpt: the newest checkpoint of this reducer")
+    parser.add_argument("--boundaries", default="gumbel", choices=["gumbel", "entropy"],
+                        help="without --ckpt: the newest DRIP checkpoint of this predictor (entropy: also its entropy map)")
     args = parser.parse_args()
     if args.object_ratio is not None and args.object_ratio < 1:
         die(f"--object_ratio must be >= 1 (images), got {args.object_ratio}")
@@ -224,9 +256,10 @@ def main():
             die(f"--ckpt: no checkpoint at {path}")
     if args.out_dir:
         check_writable(args.out_dir, "--out_dir")
-    paths = args.ckpt or [newest_checkpoint(args.reducer)]
+    paths = args.ckpt or [newest_checkpoint(args.reducer, predictor=args.boundaries)]
     if not args.ckpt:
-        print(f"the newest {args.reducer} checkpoint: {paths[0]}", flush=True)
+        kind = "drip-entropy" if args.reducer == "drip" and args.boundaries == "entropy" else args.reducer
+        print(f"the newest {kind} checkpoint: {paths[0]}", flush=True)
     models = [load_clip_checkpoint(path) for path in paths]
     for model, checkpoint in models:
         if model.cfg.compress == 1:
