@@ -178,7 +178,7 @@ def runs_rows(run_dirs):
             cfg = CLIPConfig(**checkpoint["model_config"])
         except (OSError, KeyError, IndexError, TypeError, ValueError) as e:
             die(f"--runs: {run} is not a finished train_clip.py run ({type(e).__name__}: {e})")
-        key = (cfg.reducer if cfg.compress > 1 else "plain ViT", cfg.compress)
+        key = (reducer_label(cfg) if cfg.compress > 1 else "plain ViT", cfg.compress)
         groups.setdefault(key, []).append({"seed": checkpoint["run_config"].get("seed"), "config": cfg, **last})
     rows = []
     for (reducer, compress), runs in groups.items():
@@ -187,9 +187,11 @@ def runs_rows(run_dirs):
         rows.append({"reducer": reducer, "compress": compress, "setting": describe_reducer(runs[0]["config"]),
                      "image_gflops_analytic": image_tower_macs(runs[0]["config"]) / 1e9,
                      "zero_shot_top1": mean("zero_shot_top1"), "top1_by_seed": {r["seed"]: r["zero_shot_top1"] for r in runs},
+                     "zero_shot_top1_std": statistics.stdev(r["zero_shot_top1"] for r in runs) if len(runs) > 1 else 0.0,
                      "eval_tokens": mean("eval_tokens"), "eval_rate": mean("eval_boundary_rate"),
                      "train_rate": mean("train_boundary_rate"), "step_time_s": mean("step_time_s")})
-    return sorted(rows, key=lambda r: (r["compress"], REDUCERS.index(r["reducer"]) if r["reducer"] in REDUCERS else -1))
+    order = ("plain ViT",) + REDUCERS + ("drip-entropy",)
+    return sorted(rows, key=lambda r: (r["compress"], order.index(r["reducer"])))
 
 
 # ----------------------------------------------------------------------------- the LLaVA side
@@ -440,19 +442,21 @@ def print_runs(args):
     if args.plot:
         lines = {}
         for r in rows:
-            lines.setdefault(r["reducer"], []).append((r["image_gflops_analytic"], r["zero_shot_top1"], f"{r['compress']:g}x"))
+            lines.setdefault(r["reducer"], []).append((r["image_gflops_analytic"], r["zero_shot_top1"], f"{r['compress']:g}x",
+                                                       r["zero_shot_top1_std"]))
         plot_accuracy_vs_gflops(lines, args.plot, title="zero-shot top-1 against image-tower compute",
-                                accuracy_label="zero-shot top-1 (%, mean over seeds)",
+                                accuracy_label="zero-shot top-1 (%, mean and std over seeds)",
                                 gflops_label="image-tower GFLOPs (analytic multiply-adds)")
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    print(f"{'reducer':>12} {'compress':>8} {'GFLOPs':>8} {'top-1 mean':>10} {'by seed':>16} {'tokens':>6} "
+    print(f"{'reducer':>12} {'compress':>8} {'GFLOPs':>8} {'top-1 mean':>10} {'std':>5} {'by seed':>16} {'tokens':>6} "
           f"{'eval rate':>9} {'train rate':>10} {'step s':>7}")
     for r in rows:
         seeds = " ".join(f"{v:.2f}" for _, v in sorted(r["top1_by_seed"].items(), key=str))
         print(f"{r['reducer']:>12} {r['compress']:>8g} {r['image_gflops_analytic']:>8.4f} {r['zero_shot_top1']:>10.2f} "
-              f"{seeds:>16} {r['eval_tokens']:>6.2f} {r['eval_rate']:>9.3f} {r['train_rate']:>10.3f} {r['step_time_s']:>7.3f}")
+              f"{r['zero_shot_top1_std']:>5.2f} {seeds:>16} {r['eval_tokens']:>6.2f} {r['eval_rate']:>9.3f} "
+              f"{r['train_rate']:>10.3f} {r['step_time_s']:>7.3f}")
 
 
 def main():

@@ -6,6 +6,9 @@ boundaries while training, a deterministic top-k rule in eval). Patches are cut 
 raster order at those boundaries and each segment is mean-pooled into one token, so
 the remaining blocks run on about 1/compress of the tokens. A binomial prior and a
 controller on the logits keep the boundary rate at 1/compress. compress=1 is the plain ViT.
+With boundaries="entropy" (Dynamic Token Pooling's other predictor) the predictor learns
+instead from where a small causal model over the patches, run in training only, finds the
+next patch hard to predict.
 
 The file reads top to bottom: configuration, DRIP's pure functions, attention (packed
 after pooling), the boundary predictor and the image tower, CLIP (open_clip's module and

@@ -102,9 +102,10 @@ def plot_accuracy_vs_gflops(results, path, title="accuracy against compute",
                             accuracy_label="top-1 accuracy (%)", gflops_label="image-tower GFLOPs"):
     """One line per method through its (GFLOPs, accuracy) points, sorted by GFLOPs.
 
-    results: {method name: [(gflops, accuracy), ...]} or with a third element, a note drawn
-    next to the point (e.g. "4x"). Say in gflops_label which count was used (analytic or
-    fvcore multiply-adds, which tower).
+    results: {method name: [(gflops, accuracy), ...]}, with optionally a third element, a note
+    drawn next to the point (e.g. "4x"), and a fourth, the accuracy's standard deviation over
+    seeds (an error bar). Say in gflops_label which count was used (analytic or fvcore
+    multiply-adds, which tower).
     """
     if not results or not all(results.values()):
         die("accuracy against GFLOPs: every method needs at least one (gflops, accuracy) point")
@@ -112,7 +113,8 @@ def plot_accuracy_vs_gflops(results, path, title="accuracy against compute",
     ax = fig.add_subplot()
     for method, points in results.items():
         points = sorted(points, key=lambda p: p[0])
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[3] if len(p) > 3 else 0 for p in points],
+                    fmt="o-", capsize=3, label=method)
         for p in points:
             if len(p) > 2 and p[2]:
                 ax.annotate(str(p[2]), (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)

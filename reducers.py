@@ -49,24 +49,28 @@ def describe_reducer(cfg: CLIPConfig):
     return f"{cfg.reducer}: {N} -> {what}{S} patch tokens before block {cfg.pre_layers}{how}"
 
 
-def attention_with_keys(attn: Attention, x, bias=None, key_weight=None):
+def attention_with_keys(attn: Attention, x, bias=None, policy=None):
     """Attention.forward's computation, as ToMe's and DynamicViT's code patch timm's attention.
 
     x: B x L x D -> (B x L x D output, B x L x D/H keys averaged over heads: ToMe's
     similarity). bias: B x 1 x 1 x L added to the logits (ToMe's proportional attention).
-    key_weight: B x L multiplying each key's softmax weight (DynamicViT's attention
-    masking: 0 = not a key), computed as the ratio of two value streams so that its
-    gradient reaches the keep decisions.
+    policy: B x L, 0 = a dropped token: DynamicViT's softmax_with_policy, written out. Token
+    j is a key for query i when kept or when j = i (the paper's G_ii = 1: a dropped token
+    still attends to itself), exp(logit) x G normalised with its eps = 1e-6 smoothing,
+    float32; G multiplies, so the gradient reaches the keep decisions.
     """
     B, L, D = x.shape
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)            # B x L x 3D
     q, k, v = split_heads(qkv, attn.heads)                              # each B x H x L x D/H
-    if key_weight is None:
+    if policy is None:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-    else:  # sum_j a_ij w_j v_j / sum_j a_ij w_j, with a = softmax(q k^T)
-        w = key_weight[:, None, :, None].to(v.dtype).expand(-1, attn.heads, -1, -1)  # B x H x L x 1
-        y = F.scaled_dot_product_attention(q, k, torch.cat([v * w, w], 3))  # B x H x L x (D/H + 1)
-        y = y[..., :-1] / y[..., -1:].clamp(min=1e-12)                   # B x H x L x D/H
+    else:
+        logits = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # B x H x L x L
+        keys = policy[:, None, None, :].float()                           # B x 1 x 1 x L
+        eye = torch.eye(L, device=x.device)
+        weights = (logits - logits.amax(-1, keepdim=True)).exp() * (keys + (1 - keys) * eye)
+        weights = (weights + 1e-6 / L) / (weights.sum(-1, keepdim=True) + 1e-6)
+        y = weights.to(v.dtype) @ v                                       # B x H x L x D/H
     return attn.out_proj(y.transpose(1, 2).reshape(B, L, D)), k.mean(1)
 
 
@@ -260,8 +264,8 @@ def dynamicvit_keep_rate(cfg: CLIPConfig):
 
 
 def policy_block(block: ResidualAttentionBlock, x, policy):
-    """A block in which tokens with policy 0 are not keys (DynamicViT's training-time masking)."""
-    x = x + attention_with_keys(block.attn, block.ln_1(x), key_weight=policy)[0]
+    """A block in which tokens with policy 0 are keys of themselves only (DynamicViT's training-time masking)."""
+    x = x + attention_with_keys(block.attn, block.ln_1(x), policy=policy)[0]
     return x + block.mlp(block.ln_2(x))
 
 
@@ -272,7 +276,8 @@ class DynamicViT(nn.Module):
 
     Training: hard Gumbel-Softmax keep decisions (straight-through), each stage's multiplied
     by the previous one's; every token stays in place and dropped ones are masked as
-    attention keys, so shapes are fixed and the task loss reaches the decisions. aux_loss
+    attention keys of every other token (softmax_with_policy), so shapes are fixed and the
+    task loss reaches the decisions. aux_loss
     is the keep-ratio loss, 2 x the mean over stages of (kept fraction - rho^j)^2 (the
     paper's weight; its distillation losses need a teacher and are left out). Eval: the
     top round(rho^j N) tokens by keep score, gathered in raster order.
@@ -319,24 +324,27 @@ class DynamicViT(nn.Module):
 
 class TokenLearner(ReduceOnce):
     """TokenLearner (Ryoo et al., "TokenLearner: What Can 8 Learned Tokens Do for Images and
-    Videos?", NeurIPS 2021), as its ViT version in scenic: an MLP on each patch token gives
-    S = round(N / compress) logits, a softmax over the patches turns each into a spatial
-    map, and each output token is its map's weighted mean of the patch tokens. Inserted
-    once, before block pre_layers."""
+    Videos?", NeurIPS 2021), as scenic's TokenLearnerModuleV11 (the paper's version 1.1):
+    LayerNorm, then an MLP on each patch token (hidden width 64, scenic's bottleneck_dim;
+    flax's tanh-approximated GELU) gives S = round(N / compress) logits, a softmax over the
+    patches turns each into a spatial map, and each output token is its map's weighted sum
+    of the patch tokens. Inserted once, before block pre_layers (scenic places it after a
+    chosen block likewise). Dropout is scenic's default, 0."""
+    bottleneck = 64
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.start = cfg.pre_layers
         self.ln = nn.LayerNorm(cfg.width)
-        self.fc = nn.Linear(cfg.width, cfg.width)
-        self.maps = nn.Linear(cfg.width, expected_segments(cfg))
+        self.fc = nn.Linear(cfg.width, self.bottleneck)
+        self.maps = nn.Linear(self.bottleneck, expected_segments(cfg))
 
-    @staticmethod
-    def extra_macs(cfg, N, S, D):
-        return N * (D * D + D * S) + S * N * D                  # the map MLP, the weighted means
+    @classmethod
+    def extra_macs(cls, cfg, N, S, D):
+        return N * (D + S) * cls.bottleneck + S * N * D         # the map MLP, the weighted sums
 
     def reduce(self, x):                                        # B x N x D -> B x S x D
-        maps = self.maps(F.gelu(self.fc(self.ln(x)))).transpose(1, 2).softmax(2)  # B x S x N, rows sum to 1
+        maps = self.maps(F.gelu(self.fc(self.ln(x)), approximate="tanh")).transpose(1, 2).softmax(2)  # B x S x N
         return maps @ x, None
 
 

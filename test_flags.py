@@ -15,7 +15,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["train_clip.py", "train_imagenet.py", "train_llava.py", "sample_llava.py", "flops.py", "visualize.py",
-           "gpu_check.py"]
+           "gpu_check.py", "grid.py"]
 F = "{F}"  # stands for the fixtures folder in the table below
 
 
@@ -63,6 +63,12 @@ BAD_VALUES = [
     ("flops.py", ["--ckpt", f"{F}/clip_c4.pt"], "--ckpt and --images go together"),
     ("gpu_check.py", [], "no CUDA GPU is visible"),
     ("train_clip.py", ["--data_dir", "/proc/forbidden"], "--data_dir /proc/forbidden: cannot write under /proc"),
+    ("grid.py", ["--compress", "1"], "--compress values must be > 1 (the plain ViT is --plain)"),
+    ("grid.py", ["--jobs", "0"], "--jobs and --epochs must be >= 1"),
+    ("grid.py", ["--seeds", "-1"], "--seeds >= 0"),
+    ("grid.py", ["--reducer", "pool"], "argument --reducer: invalid choice"),
+    ("grid.py", ["--boundaries", "entropy"], "--boundaries entropy is DRIP's predictor: give --reducer drip"),
+    ("grid.py", ["--out_dir", "/proc/forbidden"], "--out_dir /proc/forbidden: cannot write under /proc"),
     ("train_imagenet.py", ["--reducer", "pooling"], '--reducer must be one of "" (empty), drip, uniform'),
     ("gpu_check.py", ["--batch_size", "0"], "--batch_size must be >= 1"),
     ("gpu_check.py", ["--batch_size", "many"], "--batch_size: invalid int value"),
@@ -343,7 +349,7 @@ def test_help_prints_every_option_with_its_default(results, index):
     if SCRIPTS[index] in SCRIPTS[:4]:
         assert "\n".join(defaults(SCRIPTS[index])[0]) in result["stdout"]  # the defaults block, comments included
     else:
-        assert "--batch_size" in result["stdout"] or "--ckpt" in result["stdout"]
+        assert any(flag in result["stdout"] for flag in ("--batch_size", "--ckpt", "--compress"))
 
 
 @pytest.mark.parametrize("index", range(4, len(SCRIPTS)), ids=SCRIPTS[4:])

@@ -152,12 +152,14 @@ def test_segment_histogram(tmp_path):
 
 
 def test_accuracy_vs_gflops(tmp_path):
-    results = {"DRIP": [(1.8, 33.0, "4x"), (4.4, 39.8, "1x"), (2.6, 37.0, "2x")], "ToMe": [(2.0, 31.0)]}
+    results = {"DRIP": [(1.8, 33.0, "4x", 2.0), (4.4, 39.8, "1x", 0.5), (2.6, 37.0, "2x", 1.0)], "ToMe": [(2.0, 31.0)]}
     fig = plot_accuracy_vs_gflops(results, str(tmp_path / "acc.png"))
     assert png_size(tmp_path / "acc.png") == (640, 440)
-    drip, tome = fig.axes[0].get_lines()
-    assert list(drip.get_xdata()) == [1.8, 2.6, 4.4] and list(drip.get_ydata()) == [33.0, 37.0, 39.8]
-    assert list(tome.get_xdata()) == [2.0] and [t.get_text() for t in fig.axes[0].texts] == ["4x", "2x", "1x"]
+    drip, tome = fig.axes[0].containers  # an error-bar line per method
+    assert list(drip.lines[0].get_xdata()) == [1.8, 2.6, 4.4] and list(drip.lines[0].get_ydata()) == [33.0, 37.0, 39.8]
+    bars = drip.lines[2][0].get_segments()  # each point's bar: mean - std to mean + std, sorted with its point
+    assert [(float(b[0][1]), float(b[1][1])) for b in bars] == [(31.0, 35.0), (36.0, 38.0), (39.3, 40.3)]
+    assert list(tome.lines[0].get_xdata()) == [2.0] and [t.get_text() for t in fig.axes[0].texts] == ["4x", "2x", "1x"]
     with pytest.raises(SystemExit, match="^error: accuracy against GFLOPs"):
         plot_accuracy_vs_gflops({"DRIP": []}, str(tmp_path / "empty.png"))
 

@@ -2,6 +2,7 @@
 from the task loss, batch invariance, equal budget, fvcore = analytic, the plain ViT as the limit
 case, DRIP's rate controller, and 2-rank torchrun runs. Run: python -m pytest -q test_reducers.py"""
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -249,3 +250,77 @@ def test_torchrun_two_ranks_with_learned_reducers(data_dir, tokenizer_file, tmp_
         cfg = make_config("tiny", compress=4, reducer=r["reducer"])
         assert r["image_gflops_analytic"] == pytest.approx(image_tower_macs(cfg) / 1e9)
         assert list(r["top1_by_seed"]) == ["0"] and r["eval_tokens"] == eval_tokens(cfg)
+
+
+def test_dynamicvit_training_attention_is_softmax_with_policy_written_out():
+    """DynamicViT's softmax_with_policy as its authors define it, in loops: query i weighs key j by
+    exp(s_ij - max_j s_ij) G_ij with G_ij = 1 when j is kept or j = i (a dropped token still
+    attends to itself), smoothed by eps = 1e-6 as (w + eps/L) / (sum w + eps); gradients reach the policy."""
+    from model import Attention, split_heads
+    from reducers import attention_with_keys
+    torch.manual_seed(0)
+    attn = Attention(16, 2).double()
+    torch.nn.init.normal_(attn.in_proj_weight, std=0.3)
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    policy = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    out, _ = attention_with_keys(attn, x, policy=policy)
+    q, k, v = split_heads(torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias), 2)
+    L, eps = 5, 1e-6
+    heads = []
+    for h in range(2):
+        rows = []
+        for i in range(L):
+            s = [float(q[0, h, i] @ k[0, h, j]) / 8 ** 0.5 for j in range(L)]
+            w = [math.exp(s[j] - max(s)) * (1.0 if policy[0, j] == 1 or i == j else 0.0) for j in range(L)]
+            rows.append(sum((w[j] + eps / L) * v[0, h, j] for j in range(L)) / (sum(w) + eps))
+        heads.append(torch.stack(rows))
+    expected = attn.out_proj(torch.stack(heads).transpose(0, 1).reshape(1, L, 16))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert policy.grad[0, 1] != 0  # a dropped token's decision gets a gradient
+
+
+def test_tokenlearner_is_scenics_version_1_1_written_out():
+    """scenic's TokenLearnerModuleV11: LayerNorm, Dense(64), tanh-GELU, Dense(S), softmax over the
+    patches for each of the S maps, output token s = sum_i map_s(i) x_i (the raw tokens)."""
+    from reducers import TokenLearner
+    torch.manual_seed(0)
+    cfg = make_config("tiny", compress=4)
+    learner = TokenLearner(cfg).double()
+    assert learner.fc.out_features == 64 and learner.maps.out_features == 9
+    x = torch.randn(2, 36, 128, dtype=torch.float64)
+    out, _ = learner.reduce(x)
+    for b in range(2):
+        h = learner.ln(x[b])
+        h = learner.fc(h)
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))  # flax's gelu
+        logits = learner.maps(h).detach()                                           # 36 x 9
+        for s in range(9):
+            weights = [math.exp(logits[i, s]) for i in range(36)]
+            expected = sum(w * x[b, i] for i, w in enumerate(weights)) / sum(weights)
+            torch.testing.assert_close(out[b, s], expected)
+
+
+def test_grid_runs_every_setting_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tokenizer_file, tmp_path):  # noqa: F811
+    """grid.py on small data: every (reducer, seed) run and the plain ViT's, the table with each seed.
+    A run left interrupted at step 2 of 4 is continued from its checkpoint (--resume); run again,
+    the grid starts nothing."""
+    out = tmp_path / "grid"
+    train_args = f"--data_dir {data_dir} --train_num_samples 32 --batch_size 16 --workers 0 --tokenizer {tokenizer_file}"
+    interrupted = out / "uniform_c4_s1"
+    run(["--compress", "4", "--reducer", "uniform", "--seed", "1", "--epochs", "2", "--max_steps", "2",
+         "--out_dir", str(interrupted)] + train_args.split())  # stopped after epoch 1 of 2, its checkpoint at step 2
+    command = [sys.executable, "grid.py", "--reducer", "drip", "uniform", "--compress", "4", "--seeds", "0", "1",
+               "--epochs", "2", "--out_dir", str(out), "--train_args", train_args]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "6 runs, 0 finished already, 6 to run" in first.stdout
+    assert sorted(os.listdir(out)) == ["accuracy_vs_gflops.png"] + [
+        f"{r}_c{c}_s{seed}" for r, c in (("drip", 4), ("plain", 1), ("uniform", 4)) for seed in (0, 1)]
+    assert f"resumed from {interrupted / 'ckpt.pt'} at step 2" in (interrupted / "train.log").read_text()
+    assert [r["step"] for r in metrics(str(interrupted))] == [2, 4]
+    table = [line.split() for line in first.stdout.splitlines() if line.split()[:1] in (["drip"], ["uniform"], ["plain"])]
+    assert [row[:2] for row in table] == [["plain", "ViT"], ["drip", "4"], ["uniform", "4"]]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert again.returncode == 0 and "6 runs, 6 finished already, 0 to run" in again.stdout
+    assert "started" not in again.stdout
