@@ -523,18 +523,18 @@ class VisionTransformer(nn.Module):
             boundaries = force_last_boundary(sample_boundaries(logits, self.cfg.tau))
         elif boundaries is None:  # entropy: as many segments in every image as its targets have
             boundaries = eval_boundaries(logits, expected_segments(self.cfg) if entropy_mode else None)
-        if not entropy_mode:
-            loss = boundary_loss(boundaries, 1 / self.cfg.compress)
-        elif sample:
+        if entropy_mode and sample:
             entropy, word_loss = self.entropy_model(x[:, 1:], patch_words(images, self.cfg.patch_size))
             targets = entropy_targets(entropy, expected_segments(self.cfg))
             loss = F.binary_cross_entropy_with_logits(logits[:, :-1], targets[:, :-1]) + word_loss
-        else:
-            loss = logits.new_zeros(())
         # on GPU the callers' padded layout is rounded up to a multiple of 8: fewer distinct shapes
         packing = packing_plan(1 + boundaries.detach().sum(1).long(), multiple=8 if x.is_cuda else 1)
         pooled = pool_segments(x[:, 1:], boundaries, segments=packing.valid.shape[1] - 1)  # B x S x D
         x = pack(torch.cat([x[:, :1], pooled], 1), packing)    # T x D
+        if not entropy_mode:  # after pooling, as before the entropy option: the same float sums in backward
+            loss = boundary_loss(boundaries, 1 / self.cfg.compress)
+        elif not sample:
+            loss = logits.new_zeros(())
         return x, packing, boundaries, loss
 
     def embed(self, images):

@@ -305,7 +305,8 @@ class DynamicViT(nn.Module):
                 if sample:
                     policy = F.gumbel_softmax(log_probs, hard=True)[..., 0] * policy  # B x N, straight-through
                     losses.append((policy.mean(1) - self.keep_rate ** (j + 1)).pow(2).mean())
-                else:
+                else:  # the authors keep int(rho^j N) in score order; here round(), in raster order (only
+                    # LLaVA reads the order: attention is order-blind), so the budget can be matched to DRIP's
                     top = log_probs[..., 0].topk(self.kept[j], dim=1).indices.sort(1).values  # B x k
                     x = torch.cat([x[:, :1], x[:, 1:].gather(1, top[..., None].expand(-1, -1, x.shape[2]))], 1)
                     policy = policy.new_ones(B, self.kept[j])
@@ -353,13 +354,14 @@ class TokenLearner(ReduceOnce):
 class TokenGrouping(ReduceOnce):
     """A grouping layer in the spirit of Native Segmentation ViT (Brasó et al., NeurIPS 2025).
 
-    S = round(N / compress) centres start as the average pool of the patch grid into an
-    h x w grid (h * w = S). Then, `iters` times: each patch spreads a softmax assignment
-    over the centres whose cells neighbour its own (by the similarity of learned keys),
-    and each centre becomes the assignment-weighted mean of its patches' keys (k-means /
-    slot-attention style; since keys are linear in the patches, pooling keys equals the
-    key of the pooled patch). The output tokens are the same weighted means of the patch
-    tokens. Inserted once, before block pre_layers.
+    S = round(N / compress) centres start as the average pool of the patches' keys (a
+    LayerNorm and a learned projection) into an h x w grid (h * w = S). Then `iters` times
+    each patch spreads a softmax assignment over the centres whose cells neighbour its own,
+    by key similarity; between assignments each centre becomes the assignment-weighted mean
+    of its patches' keys (k-means / slot-attention style). The output tokens are the last
+    assignment's weighted means of the patch tokens themselves. Inserted once, before block
+    pre_layers. Departures from the paper, which describes rather than publishes its layer:
+    keys from one linear layer, and a fixed neighbourhood of adjacent cells.
     """
     iters = 3
 

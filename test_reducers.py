@@ -3,6 +3,7 @@ from the task loss, batch invariance, equal budget, fvcore = analytic, the plain
 case, DRIP's rate controller, and 2-rank torchrun runs. Run: python -m pytest -q test_reducers.py"""
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
