@@ -265,13 +265,13 @@ def test_dynamicvit_training_attention_is_softmax_with_policy_written_out():
     x = torch.randn(1, 5, 16, dtype=torch.float64)
     policy = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
     out, _ = attention_with_keys(attn, x, policy=policy)
-    q, k, v = split_heads(torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias), 2)
+    q, k, v = split_heads(F.linear(x, attn.in_proj_weight, attn.in_proj_bias), 2)
     L, eps = 5, 1e-6
     heads = []
     for h in range(2):
         rows = []
         for i in range(L):
-            s = [float(q[0, h, i] @ k[0, h, j]) / 8 ** 0.5 for j in range(L)]
+            s = [float((q[0, h, i] @ k[0, h, j]).detach()) / 8 ** 0.5 for j in range(L)]
             w = [math.exp(s[j] - max(s)) * (1.0 if policy[0, j] == 1 or i == j else 0.0) for j in range(L)]
             rows.append(sum((w[j] + eps / L) * v[0, h, j] for j in range(L)) / (sum(w) + eps))
         heads.append(torch.stack(rows))
