@@ -613,7 +613,8 @@ visual, tower_config = load_image_tower(init_from, model, compress or 1.0, quick
 if master:
     grid = tower_config.image_size // tower_config.patch_size
     print(f"image tower: {init_from} (compress {tower_config.compress:g}"
-          f"{', ' + tower_config.reducer if tower_config.compress > 1 else ''}, {tower_config.image_size} px images, "
+          f"{', ' + tower_config.reducer if tower_config.compress > 1 else ''}"
+          f"{' (entropy boundaries)' if tower_config.boundaries == 'entropy' else ''}, {tower_config.image_size} px images, "
           f"{grid} x {grid} patches, width {tower_config.width})", flush=True)
 if compress and compress != tower_config.compress:
     die(f"--compress {compress:g} contradicts {init_from}, a compress-{tower_config.compress:g} tower; drop --compress or give another --init_from")
